@@ -1,0 +1,73 @@
+"""Softmax attention layer (every 8th M1 layer): GQA, partial NeoX RoPE, causal, no biases."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from m1jax.config import ModelConfig
+from m1jax.layers import Context, apply_rope, param
+
+_F32 = jnp.float32
+
+
+def gqa_attention(q, k, v, mask):
+    """q [B, T, H, D], k/v [B, S, G, D] with H = G * R (R consecutive query heads share a kv head),
+    mask broadcastable to [B, T, S] (True = attend). Softmax in fp32. Returns [B, T, H, D]."""
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    qg = q.reshape(b, t, g, h // g, d)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=_F32) * (d**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(_F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=_F32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+class SoftmaxAttention(nn.Module):
+    """mode: "train" (full causal), "prefill" (also returns a [B, max_len] KV cache) or "decode"."""
+
+    cfg: ModelConfig
+    mode: str = "train"
+    max_len: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ctx: Context, cache=None):
+        c = self.cfg
+        dt, pdt = c.compute_dtype, c.params_dtype
+        init = nn.initializers.normal(c.initializer_range)
+        h, g, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        wq = param(self, "q", (c.hidden_size, h, d), ("embed", "heads", "head_dim"), init, pdt)
+        wk = param(self, "k", (c.hidden_size, g, d), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wv = param(self, "v", (c.hidden_size, g, d), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wo = param(self, "o", (h, d, c.hidden_size), ("heads", "head_dim", "embed"), init, pdt)
+
+        x = x.astype(dt)
+        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+        k = jnp.einsum("btd,dgk->btgk", x, wk.astype(dt))
+        v = jnp.einsum("btd,dgk->btgk", x, wv.astype(dt))
+        q = apply_rope(q, ctx.positions, c.rotary_dim, c.rope_theta)
+        k = apply_rope(k, ctx.positions, c.rotary_dim, c.rope_theta)
+
+        new_cache = None
+        if self.mode == "decode":
+            slot = (0, ctx.index, 0, 0)
+            k_all = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
+            v_all = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), slot)
+            slots = jnp.arange(k_all.shape[1])
+            mask = (slots[None, :] >= ctx.start[:, None]) & (slots[None, :] <= ctx.index)  # [B, S]
+            out = gqa_attention(q, k_all.astype(dt), v_all.astype(dt), mask[:, None, :])
+            new_cache = {"k": k_all, "v": v_all}
+        else:
+            t = x.shape[1]
+            mask = jnp.tril(jnp.ones((t, t), bool))[None]
+            if ctx.runs is not None:
+                mask = mask & (ctx.runs[:, :, None] == ctx.runs[:, None, :])
+            out = gqa_attention(q, k, v, mask)
+            if self.mode == "prefill":
+                pad = [(0, 0), (0, self.max_len - t), (0, 0), (0, 0)]
+                new_cache = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
+        y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+        return y, new_cache

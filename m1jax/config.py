@@ -1,0 +1,225 @@
+"""Model configuration: one frozen dataclass, validated before anything is built.
+
+Field names follow MiniMax-M1's own `config.json` where one exists (`attn_type_list`,
+`layernorm_*_alpha`, `rotary_dim`, ...), so a checkpoint's config maps onto it key for key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+LIGHTNING = 0  # attn_type_list value of a lightning (linear) attention layer
+SOFTMAX = 1  # attn_type_list value of a softmax (full) attention layer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MOE_IMPLS = ("auto", "dense", "tiled", "ragged")
+LIGHTNING_IMPLS = ("reference",)
+M1_ALPHA = (2 * 80) ** 0.25  # DeepNorm alpha = (2N)^(1/4), N = 80 layers
+
+
+def m1_layer_types(num_layers: int = 80, period: int = 8) -> tuple[int, ...]:
+    """`period - 1` lightning layers, then one softmax layer, repeated."""
+    return tuple(SOFTMAX if (i + 1) % period == 0 else LIGHTNING for i in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """MiniMax-M1 hyper-parameters. Defaults are the published M1 values."""
+
+    vocab_size: int = 200_064
+    hidden_size: int = 6144
+    num_hidden_layers: int = 80
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8  # softmax layers only
+    head_dim: int = 128
+    intermediate_size: int = 9216  # per expert
+    num_local_experts: int = 32
+    num_experts_per_tok: int = 2
+    attn_type_list: tuple[int, ...] = m1_layer_types()  # 0 lightning, 1 softmax
+    rotary_dim: int = 64  # partial NeoX RoPE on the first rotary_dim dims of each head
+    rope_theta: float = 10_000_000.0
+    rms_norm_eps: float = 1e-5
+    lightning_norm_eps: float = 1e-6  # the joint RMSNorm over all heads' outputs
+    layernorm_full_attention_alpha: float = M1_ALPHA
+    layernorm_full_attention_beta: float = 1.0
+    layernorm_linear_attention_alpha: float = M1_ALPHA
+    layernorm_linear_attention_beta: float = 1.0
+    layernorm_mlp_alpha: float = M1_ALPHA
+    layernorm_mlp_beta: float = 1.0
+    postnorm: bool = True  # residual branch is the normed input (M1); False: the raw input
+    router_aux_loss_coef: float = 0.001
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # Implementation choices (not part of the published architecture).
+    block_size: int = 256  # lightning chunk length
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    lm_head_fp32: bool = True  # LM head matmul in fp32 (M1's RL recipe)
+    remat: str = "full"  # per-layer rematerialisation policy, one of REMAT_POLICIES
+    moe_impl: str = "auto"  # auto: tiled on CPU, ragged_dot on accelerators
+    lightning_impl: str = "reference"
+
+    def __post_init__(self):
+        if isinstance(self.attn_type_list, list):
+            object.__setattr__(self, "attn_type_list", tuple(self.attn_type_list))
+        _validate(self)
+
+    # -- derived values ---------------------------------------------------------------
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["attn_type_list"] = list(self.attn_type_list)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _validate(c: ModelConfig) -> None:
+    def bad(field: str, why: str):
+        raise ValueError(f"ModelConfig.{field}={getattr(c, field)!r}: {why}")
+
+    for f in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "block_size",
+    ):
+        v = getattr(c, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            bad(f, "must be a positive integer")
+    if c.num_attention_heads % c.num_key_value_heads:
+        bad("num_key_value_heads", f"must divide num_attention_heads={c.num_attention_heads}")
+    if c.num_experts_per_tok > c.num_local_experts:
+        bad("num_experts_per_tok", f"top-k exceeds num_local_experts={c.num_local_experts}")
+    if not isinstance(c.rotary_dim, int) or c.rotary_dim < 0 or c.rotary_dim % 2:
+        bad("rotary_dim", "must be a non-negative even integer")
+    if c.rotary_dim > c.head_dim:
+        bad("rotary_dim", f"exceeds head_dim={c.head_dim}")
+    if len(c.attn_type_list) != c.num_hidden_layers:
+        bad("attn_type_list", f"has {len(c.attn_type_list)} entries, expected num_hidden_layers={c.num_hidden_layers}")
+    for i, t in enumerate(c.attn_type_list):
+        if t not in (LIGHTNING, SOFTMAX):
+            bad("attn_type_list", f"unknown layer type {t!r} at layer {i} (0 = lightning, 1 = softmax)")
+    for f in ("rms_norm_eps", "lightning_norm_eps", "rope_theta"):
+        v = getattr(c, f)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            bad(f, "must be a positive finite number")
+    for f in ("dtype", "param_dtype"):
+        if getattr(c, f) not in _DTYPES:
+            bad(f, f"must be one of {sorted(_DTYPES)}")
+    for f, allowed in (("remat", REMAT_POLICIES), ("moe_impl", MOE_IMPLS), ("lightning_impl", LIGHTNING_IMPLS)):
+        if getattr(c, f) not in allowed:
+            bad(f, f"must be one of {list(allowed)}")
+
+
+# -- layer plan ------------------------------------------------------------------------
+
+
+def layer_plan(c: ModelConfig) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """Split `attn_type_list` into a repeating group and a tail.
+
+    Returns (group pattern, number of groups, tail pattern): the model scans over the groups
+    (M1: 10 x [7 lightning + 1 softmax]) and runs the tail (a prefix of the pattern, for depths
+    that are not a multiple of the period) as one more scanned step.
+    """
+    types = c.attn_type_list
+    n = len(types)
+    period = next(p for p in range(1, n + 1) if all(types[i] == types[i - p] for i in range(p, n)))
+    return types[:period], n // period, types[: n % period]
+
+
+# -- presets ---------------------------------------------------------------------------
+
+
+def minimax_m1(**overrides: Any) -> ModelConfig:
+    """The published MiniMax-M1 (and MiniMax-Text-01) architecture: 456.09B parameters."""
+    return ModelConfig(**overrides)
+
+
+def tiny(**overrides: Any) -> ModelConfig:
+    """A few-thousand-parameter model for unit tests (fp32 everywhere)."""
+    base = dict(
+        vocab_size=97,
+        hidden_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        attn_type_list=m1_layer_types(4, 4),
+        rotary_dim=8,
+        rope_theta=10_000.0,
+        block_size=16,
+        dtype="float32",
+        param_dtype="float32",
+        layernorm_full_attention_alpha=(2 * 4) ** 0.25,
+        layernorm_linear_attention_alpha=(2 * 4) ** 0.25,
+        layernorm_mlp_alpha=(2 * 4) ** 0.25,
+        remat="none",
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def small(**overrides: Any) -> ModelConfig:
+    """A ~100M-parameter 7:1 hybrid that trains on a laptop CPU (about 25M active)."""
+    layers = 8
+    alpha = (2 * layers) ** 0.25
+    base = dict(
+        vocab_size=32_000,
+        hidden_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=768,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        attn_type_list=m1_layer_types(layers, 8),
+        rotary_dim=32,
+        rope_theta=10_000.0,
+        block_size=256,
+        dtype="float32",
+        param_dtype="float32",
+        layernorm_full_attention_alpha=alpha,
+        layernorm_linear_attention_alpha=alpha,
+        layernorm_mlp_alpha=alpha,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+PRESETS = {"minimax_m1": minimax_m1, "tiny": tiny, "small": small}

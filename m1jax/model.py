@@ -1,0 +1,193 @@
+"""The MiniMax-M1 decoder: embedding, scanned groups of hybrid layers, final norm, LM head.
+
+The layer list is split into a repeating pattern (M1: 7 lightning + 1 softmax) scanned `n` times
+with `nn.scan`, plus an optional tail, so compile time does not grow with depth. Each layer derives
+its lightning decay from its *global* index, carried in the scan.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m1jax.attention import SoftmaxAttention
+from m1jax.config import LIGHTNING, ModelConfig, layer_plan
+from m1jax.kernels.lightning import run_ids
+from m1jax.layers import Context, RMSNorm, layer_slopes, param
+from m1jax.lightning_attention import LightningAttention
+from m1jax.moe import MoE, RouterStats, switch_aux_loss
+
+_F32 = jnp.float32
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm residual (SPEC 1.1): y = a*RMSNorm(x) + b*Attn(RMSNorm(x)); same for the MoE."""
+
+    cfg: ModelConfig
+    kind: int
+    mode: str = "train"
+    max_len: int | None = None
+
+    @nn.compact
+    def __call__(self, x, layer_idx, ctx: Context, cache=None):
+        c = self.cfg
+        pdt = c.params_dtype
+        h = RMSNorm(c.rms_norm_eps, ("embed",), pdt, name="input_norm")(x)
+        if self.kind == LIGHTNING:
+            slopes = layer_slopes(c.num_attention_heads, layer_idx, c.num_hidden_layers)
+            a, cache = LightningAttention(c, self.mode, name="attn")(h, slopes, ctx, cache)
+            alpha, beta = c.layernorm_linear_attention_alpha, c.layernorm_linear_attention_beta
+        else:
+            a, cache = SoftmaxAttention(c, self.mode, self.max_len, name="attn")(h, ctx, cache)
+            alpha, beta = c.layernorm_full_attention_alpha, c.layernorm_full_attention_beta
+        y = alpha * (h if c.postnorm else x) + beta * a
+        z = RMSNorm(c.rms_norm_eps, ("embed",), pdt, name="post_norm")(y)
+        m, stats = MoE(c, name="moe")(z, ctx.valid)
+        out = c.layernorm_mlp_alpha * (z if c.postnorm else y) + c.layernorm_mlp_beta * m
+        return out.astype(c.compute_dtype), cache, stats
+
+
+class LayerGroup(nn.Module):
+    """One period of the layer pattern; the body of the layer scan."""
+
+    cfg: ModelConfig
+    kinds: tuple[int, ...]
+    first_layer: int = 0  # global index of this stack's first layer
+    mode: str = "train"
+    max_len: int | None = None
+
+    @nn.compact
+    def __call__(self, x, g, caches, ctx: Context):
+        layer_cls = DecoderLayer
+        if self.mode == "train" and self.cfg.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT[self.cfg.remat], prevent_cse=False)
+        new_caches, stats = [], []
+        for i, kind in enumerate(self.kinds):
+            layer_idx = self.first_layer + g * len(self.kinds) + i
+            layer = layer_cls(self.cfg, kind, self.mode, self.max_len, name=f"layer_{i}")
+            x, cache, st = layer(x, layer_idx, ctx, None if caches is None else caches[i])
+            new_caches.append(cache)
+            stats.append(st)
+        stats = jax.tree.map(lambda *s: jnp.stack(s), *stats)
+        return x, (None if self.mode == "train" else tuple(new_caches), stats)
+
+
+ScannedGroups = nn.scan(
+    LayerGroup,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(0, 0, nn.broadcast),
+    metadata_params={nn.PARTITION_NAME: "layers"},
+)
+
+
+def _positions_in_runs(runs: jax.Array) -> jax.Array:
+    """[B, T] run ids -> position of each token inside its own document."""
+    t = jnp.arange(runs.shape[1])
+    is_start = jnp.concatenate([jnp.ones_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(is_start, t, 0), axis=1)
+
+
+class M1Model(nn.Module):
+    """`apply({'params': p}, tokens[B, T], segment_ids=None) -> (logits fp32 [B, T, V], aux)`.
+
+    segment_ids: [B, T] ints; each contiguous run of equal ids is one document (attention, the
+    lightning state and RoPE positions restart there); id 0 marks padding, left out of the router
+    statistics. aux: {"router_aux_loss": Switch loss pooled over layers (= top-k when balanced),
+    "expert_load": [L, E] fraction of each layer's assignments per expert}.
+    """
+
+    cfg: ModelConfig
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        logits, aux, _ = self.run(tokens, segment_ids, positions)
+        return logits, aux
+
+    @nn.compact
+    def run(self, tokens, segment_ids=None, positions=None, cache=None, mode="train", max_len=None, start=None):
+        """All modes. prefill: `start` [B] = first real token (left padding), returns a cache with
+        `max_len` slots. decode: tokens [B, 1] and the cache from prefill/decode."""
+        c = self.cfg
+        check_tokens(tokens, c.vocab_size)
+        b, t = tokens.shape
+        ctx = self._context(tokens, segment_ids, positions, cache, mode, start)
+
+        init = nn.initializers.normal(c.initializer_range)
+        embed = param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), init, c.params_dtype)
+        x = jnp.take(embed, tokens, axis=0).astype(c.compute_dtype)
+
+        pattern, n_groups, tail = layer_plan(c)
+        new_cache, all_stats = {}, []
+        for name, kinds, n, first in (("groups", pattern, n_groups, 0), ("tail", tail, 1, n_groups * len(pattern))):
+            if not kinds:
+                continue
+            stack = ScannedGroups(c, kinds, first, mode, max_len, name=name)
+            x, (caches, stats) = stack(x, jnp.arange(n), None if cache is None else cache[name], ctx)
+            new_cache[name] = caches
+            all_stats.append(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats))  # [n*p, ...]
+
+        x = RMSNorm(c.rms_norm_eps, ("embed",), c.params_dtype, name="final_norm")(x)
+        if c.tie_word_embeddings:
+            head = embed.T
+        else:
+            head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), init, c.params_dtype)
+        hdt = _F32 if c.lm_head_fp32 else c.compute_dtype
+        logits = jnp.einsum("btd,dv->btv", x.astype(hdt), head.astype(hdt)).astype(_F32)
+
+        stats = RouterStats(*(jnp.concatenate(s) for s in zip(*all_stats, strict=True)))
+        load = stats.counts / jnp.maximum(stats.tokens[:, None] * c.num_experts_per_tok, 1.0)
+        aux = {"router_aux_loss": switch_aux_loss(stats, c.num_local_experts), "expert_load": load}
+        if mode == "train":
+            return logits, aux, None
+        index = jnp.asarray(t, jnp.int32) if mode == "prefill" else cache["index"] + 1
+        new_cache.update(index=index, start=ctx.start)
+        return logits, aux, new_cache
+
+    @staticmethod
+    def _context(tokens, segment_ids, positions, cache, mode, start) -> Context:
+        b, t = tokens.shape
+        if mode == "decode":
+            pos = (cache["index"] - cache["start"])[:, None]
+            return Context(pos, None, jnp.ones((b, 1), bool), cache["index"], cache["start"])
+        if mode == "prefill" and start is not None:  # left padding: pads are document 0
+            segment_ids = (jnp.arange(t)[None, :] >= start[:, None]).astype(jnp.int32)
+        runs = None if segment_ids is None else run_ids(segment_ids)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t)) if runs is None else _positions_in_runs(runs)
+        valid = jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0
+        if mode == "prefill" and start is None:
+            start = jnp.zeros((b,), jnp.int32)
+        return Context(positions, runs, valid, None, start)
+
+
+def check_tokens(tokens, vocab_size: int) -> None:
+    """Raise on out-of-range token ids when the values are known (not under `jit`)."""
+    if isinstance(tokens, jax.core.Tracer) or not isinstance(tokens, (np.ndarray, jax.Array)):
+        return
+    lo, hi = int(np.min(tokens)), int(np.max(tokens))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}); got min {lo}, max {hi}")
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+    """Random parameters as plain arrays (logical axis metadata stripped; see `param_axes`)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return nn.unbox(M1Model(cfg).init(rng, tokens)["params"])
+
+
+def abstract_params(cfg: ModelConfig):
+    """Shapes and dtypes of the parameters (boxed with logical axes), never allocated."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return jax.eval_shape(lambda r, t: M1Model(cfg).init(r, t), jax.random.PRNGKey(0), tokens)["params"]
+
+
+def param_axes(cfg: ModelConfig):
+    """A pytree of `PartitionSpec`s of logical axis names, matching `init_params`."""
+    return nn.get_partition_spec(abstract_params(cfg))
