@@ -1,0 +1,368 @@
+"""Hugging Face checkpoints: read both layouts of SPEC 1.5, write transformers' `MiniMaxForCausalLM`.
+
+Tensor names on disk are shared by the official remote-code layout (`MiniMaxM1ForCausalLM`) and
+transformers' port; they differ in config.json. Loading streams tensor by tensor into preallocated
+stacked arrays, so peak host memory is about one copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from m1jax.config import LIGHTNING, SOFTMAX, ModelConfig, layer_plan
+from m1jax.layers import layer_slopes
+from m1jax.model import abstract_params
+
+_LIGHTNING_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")  # derived, not weights
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: missing, unexpected or misshapen tensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor on disk and where it lives in the params tree.
+
+    Ours is `[in..., out...]`; a PyTorch Linear is `[out, in]`, hence `transpose`.
+    """
+
+    name: str
+    hf_shape: tuple[int, ...]
+    path: tuple[str, ...]
+    index: tuple[int, ...]  # position inside the stacked array (layer group, expert)
+    shape: tuple[int, ...]  # our (unstacked) shape
+    transpose: bool
+
+    def to_ours(self, w: np.ndarray) -> np.ndarray:
+        return (w.T if self.transpose else w).reshape(self.shape)
+
+    def to_hf(self, a: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            return np.ascontiguousarray(a.reshape(self.hf_shape[1], self.hf_shape[0]).T)
+        return a.reshape(self.hf_shape)
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+def config_from_hf(d: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """ModelConfig from either layout's config.json (dict). `overrides` win (e.g. dtype)."""
+    model_type = d.get("model_type", "")
+    if d.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act={d['hidden_act']!r} is not supported (only silu)")
+    if d.get("shared_intermediate_size", 0):
+        raise CheckpointError("config.json: shared experts (shared_intermediate_size > 0) are not part of M1")
+    heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    kw: dict[str, Any] = {
+        k: d[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "rms_norm_eps",
+            "router_aux_loss_coef",
+            "tie_word_embeddings",
+            "initializer_range",
+        )
+        if k in d
+    }
+    kw["head_dim"] = head_dim
+    kw["num_key_value_heads"] = d.get("num_key_value_heads") or heads
+    if "attn_type_list" in d:  # official layout
+        kw["attn_type_list"] = tuple(d["attn_type_list"])
+        kw["rotary_dim"] = d.get("rotary_dim", head_dim)
+        kw["rope_theta"] = d.get("rope_theta", 10_000.0)
+        kw["postnorm"] = d.get("postnorm", True)
+        for kind in ("full_attention", "linear_attention", "mlp"):
+            for ab in ("alpha", "beta"):
+                key = f"layernorm_{kind}_{ab}"
+                kw[key] = d.get(key, 1.0)
+    elif "layer_types" in d or model_type == "minimax":  # transformers layout
+        names = {"linear_attention": LIGHTNING, "full_attention": SOFTMAX}
+        types = d.get("layer_types") or ["full_attention"] * d["num_hidden_layers"]
+        unknown = sorted({t for t in types if t not in names})
+        if unknown:
+            raise CheckpointError(f"config.json: unknown layer_types {unknown}")
+        kw["attn_type_list"] = tuple(names[t] for t in types)
+        rope = d.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"config.json: rope_type={rope['rope_type']!r} is not supported")
+        kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 1_000_000.0))
+        kw["rotary_dim"] = d.get("rotary_dim", head_dim)  # transformers itself rotates the whole head
+        kw["block_size"] = d.get("block_size", 256)
+        kw["postnorm"] = True
+        for ours, theirs in (("full_attention", "full_attn"), ("linear_attention", "linear_attn"), ("mlp", "mlp")):
+            kw[f"layernorm_{ours}_alpha"] = d.get(f"{theirs}_alpha_factor", 1.0)
+            kw[f"layernorm_{ours}_beta"] = d.get(f"{theirs}_beta_factor", 1.0)
+    else:
+        raise CheckpointError(
+            f"config.json: neither `attn_type_list` (official layout) nor `layer_types` (transformers) found; "
+            f"model_type={model_type!r}"
+        )
+    dtype = str(d.get("dtype") or d.get("torch_dtype") or "float32")
+    kw["param_dtype"] = dtype if dtype in _NP_DTYPES else "float32"
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json of transformers' MiniMaxForCausalLM (plus `rotary_dim`, which it ignores)."""
+    kinds = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
+    return {
+        "architectures": ["MiniMaxForCausalLM"],
+        "model_type": "minimax",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "num_local_experts": cfg.num_local_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "layer_types": [kinds[t] for t in cfg.attn_type_list],
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rotary_dim": cfg.rotary_dim,
+        "block_size": cfg.block_size,
+        "max_position_embeddings": 10_240_000,
+        "full_attn_alpha_factor": cfg.layernorm_full_attention_alpha,
+        "full_attn_beta_factor": cfg.layernorm_full_attention_beta,
+        "linear_attn_alpha_factor": cfg.layernorm_linear_attention_alpha,
+        "linear_attn_beta_factor": cfg.layernorm_linear_attention_beta,
+        "mlp_alpha_factor": cfg.layernorm_mlp_alpha,
+        "mlp_beta_factor": cfg.layernorm_mlp_beta,
+        "dtype": cfg.param_dtype,
+    }
+
+
+# -- tensor map --------------------------------------------------------------------------
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """Every weight tensor of the checkpoint, in a fixed order."""
+    d, h, g, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    e, f, v = cfg.num_local_experts, cfg.intermediate_size, cfg.vocab_size
+    specs = [TensorSpec("model.embed_tokens.weight", (v, d), ("embed",), (), (v, d), False)]
+    pattern, n_groups, _ = layer_plan(cfg)
+    p = len(pattern)
+    for layer, kind in enumerate(cfg.attn_type_list):
+        stack, index = ("groups", layer // p) if layer < n_groups * p else ("tail", 0)
+        pos = layer % p if stack == "groups" else layer - n_groups * p
+        base = (stack, f"layer_{pos}")
+        pre = f"model.layers.{layer}."
+
+        def add(name, hf_shape, path, shape, transpose, extra=(), base=base, pre=pre, index=index):
+            specs.append(TensorSpec(pre + name, hf_shape, base + path, (index, *extra), shape, transpose))
+
+        add("input_layernorm.weight", (d,), ("input_norm", "scale"), (d,), False)
+        add("post_attention_layernorm.weight", (d,), ("post_norm", "scale"), (d,), False)
+        if kind == LIGHTNING:
+            add("self_attn.qkv_proj.weight", (3 * h * hd, d), ("attn", "qkv"), (d, h, 3, hd), True)
+            add("self_attn.output_gate.weight", (h * hd, d), ("attn", "gate"), (d, h, hd), True)
+            add("self_attn.norm.weight", (h * hd,), ("attn", "norm", "scale"), (h, hd), False)
+            add("self_attn.out_proj.weight", (d, h * hd), ("attn", "out"), (h, hd, d), True)
+        else:
+            add("self_attn.q_proj.weight", (h * hd, d), ("attn", "q"), (d, h, hd), True)
+            add("self_attn.k_proj.weight", (g * hd, d), ("attn", "k"), (d, g, hd), True)
+            add("self_attn.v_proj.weight", (g * hd, d), ("attn", "v"), (d, g, hd), True)
+            add("self_attn.o_proj.weight", (d, h * hd), ("attn", "o"), (h, hd, d), True)
+        add("block_sparse_moe.gate.weight", (e, d), ("moe", "router"), (d, e), True)
+        for x in range(e):
+            ex = f"block_sparse_moe.experts.{x}."
+            add(ex + "w1.weight", (f, d), ("moe", "w1"), (d, f), True, (x,))
+            add(ex + "w3.weight", (f, d), ("moe", "w3"), (d, f), True, (x,))
+            add(ex + "w2.weight", (d, f), ("moe", "w2"), (f, d), True, (x,))
+    specs.append(TensorSpec("model.norm.weight", (d,), ("final_norm", "scale"), (), (d,), False))
+    if not cfg.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (v, d), ("lm_head",), (), (d, v), True))
+    return specs
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _is_derived(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in _LIGHTNING_BUFFERS or name.endswith("rotary_emb.inv_freq")
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def _shard_files(path: str) -> dict[str, str]:
+    """tensor name -> safetensors file, from an index (sharded) or a single model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = {n: os.path.join(path, f) for n, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not os.path.exists(f):
+                raise CheckpointError(f"{index} names shard {os.path.basename(f)}, which does not exist")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return {n: single for n in _open(single).keys()}
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
+
+
+def load_pretrained(path: str, *, param_dtype: str | None = None, **overrides: Any):
+    """Read a Hugging Face MiniMax checkpoint directory -> (ModelConfig, params).
+
+    Accepts the official (`attn_type_list`) and transformers (`layer_types`) layouts, single or
+    sharded safetensors. `param_dtype` defaults to the checkpoint's dtype; `overrides` are
+    ModelConfig fields (e.g. dtype="float32"). Raises CheckpointError naming any missing,
+    unexpected or misshapen tensor.
+    """
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise CheckpointError(f"{path}: no config.json")
+    with open(cfg_file) as fh:
+        hf_cfg = json.load(fh)
+    if param_dtype is not None:
+        overrides["param_dtype"] = param_dtype
+    cfg = config_from_hf(hf_cfg, **overrides)
+    specs = tensor_specs(cfg)
+    files = _shard_files(path)
+    expected = {s.name for s in specs}
+    missing = sorted(expected - set(files))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    unexpected = sorted(n for n in files if n not in expected and not _is_derived(n))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:8])}")
+
+    shapes = nn.unbox(abstract_params(cfg))
+    out = jax.tree.map(lambda s: np.empty(s.shape, _NP_DTYPES[str(jnp.dtype(s.dtype))]), shapes)
+    handles: dict[str, Any] = {}
+    for spec in specs:
+        file = files[spec.name]
+        if file not in handles:
+            handles[file] = _open(file)
+        try:
+            w = handles[file].get_tensor(spec.name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {spec.name} ({e})") from e
+        if tuple(w.shape) != spec.hf_shape:
+            raise CheckpointError(f"tensor {spec.name} has shape {tuple(w.shape)}, expected {spec.hf_shape}")
+        target = _get(out, spec.path)
+        target[spec.index] = spec.to_ours(w).astype(target.dtype)
+    handles.clear()
+    return cfg, jax.tree.map(jnp.asarray, out)
+
+
+# -- saving ------------------------------------------------------------------------------
+
+
+def _lightning_buffers(cfg: ModelConfig, layer: int) -> dict[str, np.ndarray]:
+    """transformers' derived lightning buffers, computed from the official slopes, so that
+    transformers (which would use its own slope formula) reproduces this model exactly."""
+    s = np.asarray(layer_slopes(cfg.num_attention_heads, layer, cfg.num_hidden_layers), np.float32)[:, None, None]
+    r = np.arange(cfg.block_size, dtype=np.float32) + 1
+    diag = s[None] * (r[:, None] - r[None, :])[None, None]
+    with np.errstate(over="ignore"):
+        diag = np.exp(np.where(diag >= 0, -diag, -np.inf)).astype(np.float32)
+    return {
+        "slope_rate": s,
+        "query_decay": np.exp(-s * r[:, None]).astype(np.float32),
+        "key_decay": np.exp(-s * (cfg.block_size - r[:, None])).astype(np.float32),
+        "diagonal_decay": diag,
+    }
+
+
+def _hf_tensors(cfg: ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]:
+    dtype = _NP_DTYPES[cfg.param_dtype]
+    for spec in tensor_specs(cfg):
+        a = np.asarray(_get(params, spec.path)[spec.index])
+        if a.shape != spec.shape:
+            raise CheckpointError(f"param {'/'.join(spec.path)}{list(spec.index)} has shape {a.shape}, expected {spec.shape}")
+        keep_f32 = spec.path[-1] == "router"
+        yield spec.name, spec.to_hf(a).astype(np.float32 if keep_f32 else dtype)
+    for layer, kind in enumerate(cfg.attn_type_list):
+        if kind == LIGHTNING:
+            for k, buf in _lightning_buffers(cfg, layer).items():
+                yield f"model.layers.{layer}.self_attn.{k}", buf
+
+
+def save_pretrained(cfg: ModelConfig, params, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write transformers' MiniMaxForCausalLM layout: config.json + (sharded) safetensors."""
+    if cfg.rotary_dim != cfg.head_dim:
+        warnings.warn(
+            f"rotary_dim={cfg.rotary_dim} < head_dim={cfg.head_dim}: transformers' MiniMax rotates the whole head, "
+            "so it will not reproduce this model (m1jax.hf.load_pretrained reads rotary_dim back and does).",
+            stacklevel=2,
+        )
+    os.makedirs(path, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    weight_map: dict[str, int] = {}
+    for name, t in _hf_tensors(cfg, params):
+        if sizes[-1] and sizes[-1] + t.nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = t
+        sizes[-1] += t.nbytes
+        weight_map[name] = len(shards) - 1
+        # Write each shard as soon as it is full so only one shard is held in memory.
+        if len(shards) > 1 and shards[-2]:
+            _write_shard(path, shards, len(shards) - 2)
+    total = len(shards)
+    names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors" for i in range(total)]
+    for i in range(total):
+        if shards[i]:
+            _write_shard(path, shards, i)
+    for i, tmp in enumerate(_tmp_names(path, total)):
+        os.replace(tmp, os.path.join(path, names[i]))
+    if total > 1:
+        index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": {n: names[i] for n, i in weight_map.items()}}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+            json.dump(index, fh, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(config_to_hf(cfg), fh, indent=2)
+
+
+def _tmp_names(path: str, total: int) -> list[str]:
+    return [os.path.join(path, f".shard-{i:05d}.tmp") for i in range(total)]
+
+
+def _write_shard(path: str, shards: list[dict[str, np.ndarray]], i: int) -> None:
+    save_file(shards[i], os.path.join(path, f".shard-{i:05d}.tmp"), metadata={"format": "pt"})
+    shards[i] = {}
+
