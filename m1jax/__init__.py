@@ -4,4 +4,13 @@ from m1jax import config
 from m1jax.config import ModelConfig, layer_plan, minimax_m1
 from m1jax.model import M1Model, abstract_params, init_params, param_axes
 
-__all__ = ["M1Model", "ModelConfig", "abstract_params", "config", "init_params", "layer_plan", "minimax_m1", "param_axes"]
+__all__ = [
+    "M1Model",
+    "ModelConfig",
+    "abstract_params",
+    "config",
+    "init_params",
+    "layer_plan",
+    "minimax_m1",
+    "param_axes",
+]

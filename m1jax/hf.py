@@ -264,7 +264,9 @@ def load_pretrained(path: str, *, param_dtype: str | None = None, **overrides: A
     expected = {s.name for s in specs}
     missing = sorted(expected - set(files))
     if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        raise CheckpointError(
+            f"{path}: missing tensor(s) {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+        )
     unexpected = sorted(n for n in files if n not in expected and not _is_derived(n))
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:8])}")
@@ -312,7 +314,9 @@ def _hf_tensors(cfg: ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]:
     for spec in tensor_specs(cfg):
         a = np.asarray(_get(params, spec.path)[spec.index])
         if a.shape != spec.shape:
-            raise CheckpointError(f"param {'/'.join(spec.path)}{list(spec.index)} has shape {a.shape}, expected {spec.shape}")
+            raise CheckpointError(
+                f"param {'/'.join(spec.path)}{list(spec.index)} has shape {a.shape}, expected {spec.shape}"
+            )
         keep_f32 = spec.path[-1] == "router"
         yield spec.name, spec.to_hf(a).astype(np.float32 if keep_f32 else dtype)
     for layer, kind in enumerate(cfg.attn_type_list):
@@ -344,14 +348,19 @@ def save_pretrained(cfg: ModelConfig, params, path: str, *, max_shard_bytes: int
         if len(shards) > 1 and shards[-2]:
             _write_shard(path, shards, len(shards) - 2)
     total = len(shards)
-    names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors" for i in range(total)]
+    names = [
+        f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors" for i in range(total)
+    ]
     for i in range(total):
         if shards[i]:
             _write_shard(path, shards, i)
     for i, tmp in enumerate(_tmp_names(path, total)):
         os.replace(tmp, os.path.join(path, names[i]))
     if total > 1:
-        index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": {n: names[i] for n, i in weight_map.items()}}
+        index = {
+            "metadata": {"total_size": int(sum(sizes))},
+            "weight_map": {n: names[i] for n, i in weight_map.items()},
+        }
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
             json.dump(index, fh, indent=2)
     with open(os.path.join(path, "config.json"), "w") as fh:
@@ -365,4 +374,3 @@ def _tmp_names(path: str, total: int) -> list[str]:
 def _write_shard(path: str, shards: list[dict[str, np.ndarray]], i: int) -> None:
     save_file(shards[i], os.path.join(path, f".shard-{i:05d}.tmp"), metadata={"format": "pt"})
     shards[i] = {}
-

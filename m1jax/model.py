@@ -122,6 +122,7 @@ class M1Model(nn.Module):
         init = nn.initializers.normal(c.initializer_range)
         embed = param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), init, c.params_dtype)
         x = jnp.take(embed, tokens, axis=0).astype(c.compute_dtype)
+        x = self.perturb("embeddings", x)  # no-op unless a "perturbations" collection asks for d/dx
 
         pattern, n_groups, tail = layer_plan(c)
         new_cache, all_stats = {}, []

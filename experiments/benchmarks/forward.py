@@ -1,0 +1,204 @@
+"""CPU forward throughput of m1jax vs transformers, and compile time vs depth.
+
+Usage: python -m experiments.benchmarks.forward [--quick] [--out forward_benchmark.json]
+
+Section "forward": the ~100M-parameter 7:1 hybrid `config.small(rotary_dim=64)` in fp32 with no remat, batch 1,
+T=2048 (--quick: T=512). One set of random weights (rescaled to std 0.5/sqrt(fan_in) so activations are O(1)) is
+run by m1jax (a jitted `M1Model.apply`) and by transformers' MiniMaxForCausalLM loaded from the same weights via
+`m1jax.hf.save_pretrained` (rotary_dim == head_dim because transformers rotates the whole head). Before timing,
+the logits of both on the benchmark input are compared: `max_rel_err` = max|jax - torch| / max|torch| (the script
+fails if it exceeds 1e-3). Times are the median of `reps` calls after one warm-up (3, --quick: 1); `ratio` is
+m1jax tokens/s over transformers tokens/s (> 1: m1jax is faster). `m1jax_compile_s` is the first (trace +
+compile + run) call minus a steady-state call. Parameter counts: `params_total` counts every weight,
+`params_non_embedding` leaves out the embedding and LM head, `params_active` is the per-token count without
+embedding and LM head (non-expert weights + k/E of the expert weights).
+
+Section "compile": lower + compile wall time of `jax.jit(forward)` for `config.tiny` at 8 and 80 layers (7:1
+pattern, tokens [1, 64], abstract parameters, nothing executed), and the same for `jax.grad` of a mean-logit
+loss. Layers are scanned, so the 80-layer times should stay within ~2x of the 8-layer ones (`ratio`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import m1jax
+import m1jax.hf
+from m1jax import M1Model, config
+
+EXPERT_LEAVES = ("w1", "w2", "w3")
+MAX_REL_ERR = 1e-3
+
+
+def _name(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def param_counts(cfg, params) -> dict[str, int]:
+    """Total, non-embedding and active (per token, without embedding and LM head) parameter counts."""
+    total = non_embed = expert = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names, size = _name(path), int(np.prod(leaf.shape))
+        total += size
+        if names[0] in ("embed", "lm_head"):
+            continue
+        non_embed += size
+        if names[-2:-1] == ("moe",) and names[-1] in EXPERT_LEAVES:
+            expert += size
+    active = non_embed - expert + expert * cfg.num_experts_per_tok // cfg.num_local_experts
+    return {"params_total": total, "params_non_embedding": non_embed, "params_active": active}
+
+
+def rescale(cfg, params):
+    """Scale every weight matrix to std 0.5/sqrt(fan_in) (embedding: std 1); norm scales stay at 1."""
+    hd = cfg.num_attention_heads * cfg.head_dim
+    fan_in = {"out": hd, "o": hd, "w2": cfg.intermediate_size}
+
+    def f(path, x):
+        name = _name(path)[-1]
+        if name == "scale":
+            return x
+        std = 1.0 if name == "embed" else 0.5 / np.sqrt(fan_in.get(name, cfg.hidden_size))
+        return x * (std / jnp.std(x))
+
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+def timed(fn, reps: int) -> tuple[float, float, object]:
+    """(first-call seconds, median seconds over `reps` further calls, first-call output)."""
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), out
+
+
+def bench_forward(seq_len: int, reps: int) -> dict:
+    import torch
+    import transformers
+    from transformers import MiniMaxForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = config.small(rotary_dim=64, dtype="float32", remat="none")
+    params = rescale(cfg, m1jax.init_params(cfg, jax.random.PRNGKey(0)))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq_len), dtype=np.int32)
+    with tempfile.TemporaryDirectory() as tmp:
+        m1jax.hf.save_pretrained(cfg, params, tmp)
+        try:
+            model = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+        except (ValueError, ImportError):
+            model = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    model.eval()
+
+    fwd = jax.jit(lambda p, t: M1Model(cfg).apply({"params": p}, t)[0])
+    jt = jnp.asarray(tokens)
+    j_first, j_med, j_out = timed(lambda: fwd(params, jt).block_until_ready(), reps)
+
+    tt = torch.from_numpy(tokens.astype(np.int64))
+
+    def torch_fwd():
+        with torch.inference_mode():
+            return model(input_ids=tt, use_cache=False).logits
+
+    t_first, t_med, t_out = timed(torch_fwd, reps)
+
+    a, b = np.asarray(j_out, np.float64), t_out.numpy().astype(np.float64)
+    abs_err = float(np.max(np.abs(a - b)))
+    rel_err = abs_err / float(np.max(np.abs(b)))
+    if not rel_err <= MAX_REL_ERR:
+        raise SystemExit(f"m1jax and transformers logits disagree: max_rel_err={rel_err:.3e} > {MAX_REL_ERR}")
+    return {
+        "config": "config.small(rotary_dim=64, dtype='float32', remat='none')",
+        **param_counts(cfg, params),
+        "batch": 1,
+        "seq_len": seq_len,
+        "reps": reps,
+        "transformers_attn_implementation": model.config._attn_implementation,
+        "max_rel_err": rel_err,
+        "max_abs_err": abs_err,
+        "logits_abs_max": float(np.max(np.abs(b))),
+        "m1jax_s": j_med,
+        "transformers_s": t_med,
+        "m1jax_tokens_per_s": seq_len / j_med,
+        "transformers_tokens_per_s": seq_len / t_med,
+        "ratio": t_med / j_med,
+        "m1jax_first_call_s": j_first,
+        "m1jax_compile_s": j_first - j_med,
+        "transformers_first_call_s": t_first,
+    }
+
+
+def compile_seconds(num_layers: int, grad: bool, seq_len: int = 64) -> float:
+    """Wall time of trace + lower + compile of the forward (or its gradient) on abstract inputs."""
+    cfg = config.tiny(num_hidden_layers=num_layers, attn_type_list=config.m1_layer_types(num_layers, 8))
+    params = nn.unbox(m1jax.abstract_params(cfg))
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+
+    def fwd(p, t):  # a fresh function each call, so no jit cache is shared between measurements
+        return M1Model(cfg).apply({"params": p}, t)[0]
+
+    fn = jax.grad(lambda p, t: jnp.mean(fwd(p, t))) if grad else fwd
+    t0 = time.perf_counter()
+    jax.jit(fn).lower(params, tokens).compile()
+    return time.perf_counter() - t0
+
+
+def bench_compile(reps: int) -> dict:
+    compile_seconds(8, grad=False, seq_len=32)  # warm-up: one-off tracing/backend costs
+    out = {}
+    for grad, prefix in ((False, ""), (True, "grad_")):
+        for n in (8, 80):
+            out[f"{prefix}layers_{n}_s"] = statistics.median(compile_seconds(n, grad) for _ in range(reps))
+        out[f"{prefix}ratio"] = out[f"{prefix}layers_80_s"] / out[f"{prefix}layers_8_s"]
+    return {"config": "config.tiny(num_hidden_layers=L, attn_type_list=m1_layer_types(L, 8))", "tokens": [1, 64]} | out
+
+
+def env() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="T=512, 1 timed repetition (a smoke test)")
+    ap.add_argument("--out", default="forward_benchmark.json", help="where to write the JSON report")
+    args = ap.parse_args()
+    seq_len, reps = (512, 1) if args.quick else (2048, 3)
+    report = {"quick": args.quick, "forward": bench_forward(seq_len, reps), "compile": bench_compile(reps)}
+    report["env"] = env()
+    text = json.dumps(report, indent=2)
+    print(text)
+    with open(args.out, "w") as fh:
+        fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

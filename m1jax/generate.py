@@ -1,0 +1,124 @@
+"""Decoding with a constant-size lightning state and a fixed-size softmax KV cache.
+
+The cache is a pytree: per lightning layer an fp32 state [B, H, Dk, Dv] (independent of context
+length), per softmax layer k/v [B, max_len, G, D], plus `index` (next slot) and `start` [B] (first
+real slot of each row). Prompts of different lengths are right-aligned (left padding); padding is
+its own document, so it reaches neither the lightning state nor softmax attention.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m1jax.config import ModelConfig
+from m1jax.model import M1Model, check_tokens
+
+
+def prefill(cfg: ModelConfig, params, tokens, max_len: int, *, lengths=None):
+    """Run the prompt. tokens [B, T] (left-padded when `lengths` [B] is given).
+
+    Returns (logits fp32 [B, T, V], cache with `max_len` slots). Jittable (cfg, max_len static).
+    """
+    t = tokens.shape[1]
+    if max_len < t:
+        raise ValueError(f"prefill: max_len={max_len} is shorter than the prompt length {t}")
+    start = None if lengths is None else (t - jnp.asarray(lengths, jnp.int32))
+    logits, _, cache = M1Model(cfg).apply(
+        {"params": params}, tokens, mode="prefill", max_len=max_len, start=start, method=M1Model.run
+    )
+    return logits, cache
+
+
+def decode_step(cfg: ModelConfig, params, cache, tokens):
+    """One token per row: tokens [B, 1] -> (logits fp32 [B, 1, V], updated cache). Jittable."""
+    logits, _, cache = M1Model(cfg).apply({"params": params}, tokens, cache=cache, mode="decode", method=M1Model.run)
+    return logits, cache
+
+
+def sample_logits(rng, logits, *, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False):
+    """logits [B, V] -> token ids [B]. Nucleus (top-p) filtering after temperature scaling."""
+    if greedy or temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1)
+
+
+class Generation(NamedTuple):
+    tokens: jax.Array  # [B, N] generated ids, `pad_id` after a stop token
+    lengths: jax.Array  # [B] generated tokens per row, stop token included
+    logprobs: jax.Array  # [B, N] log-probability of each generated token under the model (T = 1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts -> (tokens [B, T] right-aligned, lengths [B])."""
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    if lengths.min(initial=1) < 1:
+        raise ValueError("every prompt needs at least one token")
+    out = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        out[i, out.shape[1] - len(p) :] = p
+    return out, lengths
+
+
+def generate(
+    cfg: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    rng=None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+) -> Generation:
+    """Sample continuations of ragged `prompts` (lists of token ids)."""
+    tokens, lengths = left_pad(prompts, pad_id)
+    check_tokens(tokens, cfg.vocab_size)  # outside jit, where the values are known
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return _generate(
+        cfg,
+        max_new_tokens,
+        float(temperature),
+        float(top_p),
+        bool(greedy),
+        tuple(int(s) for s in stop_tokens),
+        int(pad_id),
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        rng,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _generate(cfg, max_new, temperature, top_p, greedy, stop_tokens, pad_id, params, tokens, lengths, rng):
+    b, t = tokens.shape
+    logits, cache = prefill(cfg, params, tokens, t + max_new, lengths=lengths)
+    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+
+    def step(carry, key):
+        last, cache, done = carry
+        tok = sample_logits(key, last, temperature=temperature, top_p=top_p, greedy=greedy)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(last, axis=-1), tok[:, None], axis=-1)[:, 0]
+        emitted = jnp.where(done, pad_id, tok)
+        new_done = done | jnp.isin(tok, stops)
+        out, cache = decode_step(cfg, params, cache, emitted[:, None].astype(jnp.int32))
+        return (out[:, 0], cache, new_done), (emitted, jnp.where(done, 0.0, logp), ~done)
+
+    keys = jax.random.split(rng, max_new)
+    _, (toks, logps, live) = jax.lax.scan(step, (logits[:, -1], cache, jnp.zeros((b,), bool)), keys)
+    return Generation(toks.T, jnp.sum(live, axis=0).astype(jnp.int32), logps.T)
