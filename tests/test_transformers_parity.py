@@ -34,8 +34,9 @@ CASES = {
 
 
 def torch_model(seed=0, seq=None, **kw):
-    base = dict(vocab_size=101, intermediate_size=40, num_local_experts=4, rope_parameters={"rope_type": "default",
-                "rope_theta": 10000.0}, full_attn_alpha_factor=1.7, linear_attn_alpha_factor=1.7, mlp_alpha_factor=1.7)  # fmt: skip
+    base = dict(vocab_size=101, intermediate_size=40, num_local_experts=4, full_attn_alpha_factor=1.7,
+                linear_attn_alpha_factor=1.7, mlp_alpha_factor=1.7)  # fmt: skip
+    base["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     base.update(kw)
     base["num_hidden_layers"] = len(base["layer_types"])
     torch.manual_seed(seed)
