@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 LIGHTNING = 0  # attn_type_list value of a lightning (linear) attention layer
@@ -57,7 +58,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     # Implementation choices (not part of the published architecture).
     block_size: int = 256  # lightning chunk length
-    dtype: str = "bfloat16"  # compute dtype
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on TPU/GPU, float32 on CPU
     param_dtype: str = "float32"
     lm_head_fp32: bool = True  # LM head matmul in fp32 (M1's RL recipe)
     remat: str = "full"  # per-layer rematerialisation policy, one of REMAT_POLICIES
@@ -72,6 +73,8 @@ class ModelConfig:
     # -- derived values ---------------------------------------------------------------
     @property
     def compute_dtype(self):
+        if self.dtype == "auto":
+            return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
         return _DTYPES[self.dtype]
 
     @property
@@ -135,9 +138,10 @@ def _validate(c: ModelConfig) -> None:
         v = getattr(c, f)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             bad(f, "must be a positive finite number")
-    for f in ("dtype", "param_dtype"):
-        if getattr(c, f) not in _DTYPES:
-            bad(f, f"must be one of {sorted(_DTYPES)}")
+    if c.dtype != "auto" and c.dtype not in _DTYPES:
+        bad("dtype", f"must be 'auto' or one of {sorted(_DTYPES)}")
+    if c.param_dtype not in _DTYPES:
+        bad("param_dtype", f"must be one of {sorted(_DTYPES)}")
     for f, allowed in (("remat", REMAT_POLICIES), ("moe_impl", MOE_IMPLS), ("lightning_impl", LIGHTNING_IMPLS)):
         if getattr(c, f) not in allowed:
             bad(f, f"must be one of {list(allowed)}")

@@ -217,23 +217,29 @@ def _is_derived(name: str) -> bool:
 
 
 def _shard_files(path: str) -> dict[str, str]:
-    """tensor name -> safetensors file, from an index (sharded) or a single model.safetensors."""
+    """tensor name -> safetensors file, from the files' own headers, checked against the index."""
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index) as fh:
-                weight_map = json.load(fh)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = {n: os.path.join(path, f) for n, f in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not os.path.exists(f):
-                raise CheckpointError(f"{index} names shard {os.path.basename(f)}, which does not exist")
-        return files
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return {n: single for n in _open(single).keys()}
+    if not os.path.exists(index):
+        single = os.path.join(path, "model.safetensors")
+        if not os.path.exists(single):
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        return {n: single for n in _open(single).keys()}
+    try:
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+    files: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        file = os.path.join(path, shard)
+        if not os.path.exists(file):
+            raise CheckpointError(f"{index} names shard {shard}, which does not exist")
+        for name in _open(file).keys():  # reads the header only
+            files[name] = file
+    for name, shard in weight_map.items():
+        if files.get(name) != os.path.join(path, shard):
+            raise CheckpointError(f"{index} places tensor {name} in {shard}, but that shard does not hold it")
+    return files
 
 
 def _open(file: str):
@@ -287,7 +293,12 @@ def load_pretrained(path: str, *, param_dtype: str | None = None, **overrides: A
         target = _get(out, spec.path)
         target[spec.index] = spec.to_ours(w).astype(target.dtype)
     handles.clear()
-    return cfg, jax.tree.map(jnp.asarray, out)
+    # Convert leaf by leaf, dropping each host copy, so peak memory stays near one model.
+    leaves, treedef = jax.tree.flatten(out)
+    del out
+    for i in range(len(leaves)):
+        leaves[i] = jnp.asarray(leaves[i])
+    return cfg, jax.tree.unflatten(treedef, leaves)
 
 
 # -- saving ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -181,4 +182,31 @@ def test_corrupt_safetensors(small_checkpoint, tmp_path, damage):
         {"truncated": data[: len(data) // 2], "garbage": np.random.default_rng(0).bytes(4096), "empty": b""}[damage]
     )
     with pytest.raises(ValueError, match="corrupt"):
+        load_pretrained(str(tmp_path))
+
+
+def test_sharded_index_errors(small_checkpoint, tmp_path):
+    config, tensors = small_checkpoint
+    ref.write_official_checkpoint(str(tmp_path), config, tensors, shards=2)
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][name] = shards[1]  # the index points at the wrong shard
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(name)):
+        load_pretrained(str(tmp_path))
+    (tmp_path / shards[1]).unlink()  # a shard named by the index is gone
+    with pytest.raises(CheckpointError, match=re.escape(shards[1])):
+        load_pretrained(str(tmp_path))
+
+
+def test_missing_or_bad_config(small_checkpoint, tmp_path):
+    config, tensors = small_checkpoint
+    ref.write_official_checkpoint(str(tmp_path), config, tensors)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        load_pretrained(str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
         load_pretrained(str(tmp_path))

@@ -9,9 +9,8 @@ run by m1jax (a jitted `M1Model.apply`) and by transformers' MiniMaxForCausalLM 
 the logits of both on the benchmark input are compared: `max_rel_err` = max|jax - torch| / max|torch| (the script
 fails if it exceeds 1e-3). Times are the median of `reps` calls after one warm-up (3, --quick: 1); `ratio` is
 m1jax tokens/s over transformers tokens/s (> 1: m1jax is faster). `m1jax_compile_s` is the first (trace +
-compile + run) call minus a steady-state call. Parameter counts: `params_total` counts every weight,
-`params_non_embedding` leaves out the embedding and LM head, `params_active` is the per-token count without
-embedding and LM head (non-expert weights + k/E of the expert weights).
+compile + run) call minus a steady-state call. `params_total` counts every weight, `params_active`
+the per-token count without embedding and LM head (M1's convention; `m1jax.summary.param_counts`).
 
 Section "compile": lower + compile wall time of `jax.jit(forward)` for `config.tiny` at 8 and 80 layers (7:1
 pattern, tokens [1, 64], abstract parameters, nothing executed), and the same for `jax.grad` of a mean-logit
@@ -37,28 +36,13 @@ import numpy as np
 import m1jax
 import m1jax.hf
 from m1jax import M1Model, config
+from m1jax.summary import param_counts
 
-EXPERT_LEAVES = ("w1", "w2", "w3")
 MAX_REL_ERR = 1e-3
 
 
 def _name(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
-
-
-def param_counts(cfg, params) -> dict[str, int]:
-    """Total, non-embedding and active (per token, without embedding and LM head) parameter counts."""
-    total = non_embed = expert = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        names, size = _name(path), int(np.prod(leaf.shape))
-        total += size
-        if names[0] in ("embed", "lm_head"):
-            continue
-        non_embed += size
-        if names[-2:-1] == ("moe",) and names[-1] in EXPERT_LEAVES:
-            expert += size
-    active = non_embed - expert + expert * cfg.num_experts_per_tok // cfg.num_local_experts
-    return {"params_total": total, "params_non_embedding": non_embed, "params_active": active}
 
 
 def rescale(cfg, params):
@@ -126,7 +110,7 @@ def bench_forward(seq_len: int, reps: int) -> dict:
         raise SystemExit(f"m1jax and transformers logits disagree: max_rel_err={rel_err:.3e} > {MAX_REL_ERR}")
     return {
         "config": "config.small(rotary_dim=64, dtype='float32', remat='none')",
-        **param_counts(cfg, params),
+        **{f"params_{k}": v for k, v in param_counts(cfg).items() if k in ("total", "active")},
         "batch": 1,
         "seq_len": seq_len,
         "reps": reps,
