@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from m1jax.config import LIGHTNING, SOFTMAX, ModelConfig, layer_plan
 from m1jax.layers import layer_slopes
-from m1jax.model import abstract_params
+from m1jax.model import abstract_params, pattern_runs
 
 _LIGHTNING_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")  # derived, not weights
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -44,7 +44,7 @@ class TensorSpec:
     name: str
     hf_shape: tuple[int, ...]
     path: tuple[str, ...]
-    index: tuple[int, ...]  # position inside the stacked array (layer group, expert)
+    index: tuple[int, ...]  # position inside the stacked array (layer group, layer in run[, expert])
     shape: tuple[int, ...]  # our (unstacked) shape
     transpose: bool
 
@@ -168,16 +168,19 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     d, h, g, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     e, f, v = cfg.num_local_experts, cfg.intermediate_size, cfg.vocab_size
     specs = [TensorSpec("model.embed_tokens.weight", (v, d), ("embed",), (), (v, d), False)]
-    pattern, n_groups, _ = layer_plan(cfg)
+    pattern, n_groups, tail = layer_plan(cfg)
     p = len(pattern)
     for layer, kind in enumerate(cfg.attn_type_list):
-        stack, index = ("groups", layer // p) if layer < n_groups * p else ("tail", 0)
+        stack, group = ("groups", layer // p) if layer < n_groups * p else ("tail", 0)
         pos = layer % p if stack == "groups" else layer - n_groups * p
-        base = (stack, f"layer_{pos}")
+        run, (_, offset, _) = next(
+            (j, r) for j, r in enumerate(pattern_runs(pattern if stack == "groups" else tail)) if r[1] + r[2] > pos
+        )
+        base, index = (stack, f"run_{run}"), (group, pos - offset)
         pre = f"model.layers.{layer}."
 
         def add(name, hf_shape, path, shape, transpose, extra=(), base=base, pre=pre, index=index):
-            specs.append(TensorSpec(pre + name, hf_shape, base + path, (index, *extra), shape, transpose))
+            specs.append(TensorSpec(pre + name, hf_shape, base + path, (*index, *extra), shape, transpose))
 
         add("input_layernorm.weight", (d,), ("input_norm", "scale"), (d,), False)
         add("post_attention_layernorm.weight", (d,), ("post_norm", "scale"), (d,), False)

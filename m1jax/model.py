@@ -36,7 +36,8 @@ class DecoderLayer(nn.Module):
     max_len: int | None = None
 
     @nn.compact
-    def __call__(self, x, layer_idx, ctx: Context, cache=None):
+    def __call__(self, x, layer_idx, cache, ctx: Context):
+        """x [B, T, D] -> (x, (new cache, RouterStats)): the signature of a scan body."""
         c = self.cfg
         pdt = c.params_dtype
         h = RMSNorm(c.rms_norm_eps, ("embed",), pdt, name="input_norm")(x)
@@ -51,11 +52,27 @@ class DecoderLayer(nn.Module):
         z = RMSNorm(c.rms_norm_eps, ("embed",), pdt, name="post_norm")(y)
         m, stats = MoE(c, name="moe")(z, ctx.valid)
         out = c.layernorm_mlp_alpha * (z if c.postnorm else y) + c.layernorm_mlp_beta * m
-        return out.astype(c.compute_dtype), cache, stats
+        return out.astype(c.compute_dtype), (cache, stats)
+
+
+def _layer_stack(cfg: ModelConfig, mode: str):
+    """`nn.scan` over consecutive layers of one kind (each with its own params and index)."""
+    cls = DecoderLayer
+    if mode == "train" and cfg.remat != "none":
+        cls = nn.remat(DecoderLayer, policy=_REMAT[cfg.remat], prevent_cse=False)
+    return nn.scan(
+        cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, 0, nn.broadcast),
+        metadata_params={nn.PARTITION_NAME: "sublayers"},
+    )
 
 
 class LayerGroup(nn.Module):
-    """One period of the layer pattern; the body of the layer scan."""
+    """One period of the layer pattern, the body of the outer layer scan. Each run of same-kind
+    layers inside it (M1: 7 lightning, then 1 softmax) is an inner scan, so the compiled body holds
+    one layer of each kind however long the pattern is."""
 
     cfg: ModelConfig
     kinds: tuple[int, ...]
@@ -65,18 +82,26 @@ class LayerGroup(nn.Module):
 
     @nn.compact
     def __call__(self, x, g, caches, ctx: Context):
-        layer_cls = DecoderLayer
-        if self.mode == "train" and self.cfg.remat != "none":
-            layer_cls = nn.remat(DecoderLayer, policy=_REMAT[self.cfg.remat], prevent_cse=False)
         new_caches, stats = [], []
-        for i, kind in enumerate(self.kinds):
-            layer_idx = self.first_layer + g * len(self.kinds) + i
-            layer = layer_cls(self.cfg, kind, self.mode, self.max_len, name=f"layer_{i}")
-            x, cache, st = layer(x, layer_idx, ctx, None if caches is None else caches[i])
+        for j, (kind, offset, length) in enumerate(pattern_runs(self.kinds)):
+            layer_idx = self.first_layer + g * len(self.kinds) + offset + jnp.arange(length)
+            stack = _layer_stack(self.cfg, self.mode)(self.cfg, kind, self.mode, self.max_len, name=f"run_{j}")
+            x, (cache, st) = stack(x, layer_idx, None if caches is None else caches[j], ctx)
             new_caches.append(cache)
             stats.append(st)
-        stats = jax.tree.map(lambda *s: jnp.stack(s), *stats)
+        stats = jax.tree.map(lambda *s: jnp.concatenate(s), *stats)  # [p, ...] in layer order
         return x, (None if self.mode == "train" else tuple(new_caches), stats)
+
+
+def pattern_runs(kinds: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Consecutive same-kind layers: [(kind, offset, length)], e.g. 7L+1S -> [(0, 0, 7), (1, 7, 1)]."""
+    runs: list[tuple[int, int, int]] = []
+    for i, k in enumerate(kinds):
+        if runs and runs[-1][0] == k:
+            runs[-1] = (k, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((k, i, 1))
+    return runs
 
 
 ScannedGroups = nn.scan(

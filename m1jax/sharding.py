@@ -29,6 +29,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("layers", None),
+    ("sublayers", None),
     ("norm", None),
 )
 

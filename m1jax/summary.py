@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from m1jax import config as presets
 from m1jax.config import LIGHTNING, ModelConfig, layer_plan
 from m1jax.layers import layer_slopes
-from m1jax.model import M1Model, abstract_params, init_params
+from m1jax.model import M1Model, abstract_params, init_params, pattern_runs
 
 _EXPERT = ("'w1'", "'w2'", "'w3'")
 
@@ -33,8 +33,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     kinds = {}
     pattern, _, tail = layer_plan(cfg)
     for stack, kinds_ in (("groups", pattern), ("tail", tail)):
-        for i, k in enumerate(kinds_):
-            kinds[(stack, f"layer_{i}")] = k
+        for j, (k, _, _) in enumerate(pattern_runs(kinds_)):
+            kinds[(stack, f"run_{j}")] = k
     for path, leaf in leaves:
         n = math.prod(leaf.value.shape)
         keys = [getattr(p, "key", None) for p in path]

@@ -42,6 +42,13 @@ def test_dict_round_trip():
     assert ModelConfig.from_dict(c.to_dict()) == c
 
 
+def test_pattern_runs():
+    from m1jax.model import pattern_runs
+
+    assert pattern_runs((0,) * 7 + (1,)) == [(0, 0, 7), (1, 7, 1)]
+    assert pattern_runs((1, 0, 0, 1, 1)) == [(1, 0, 1), (0, 1, 2), (1, 3, 2)]
+
+
 def test_layer_plan():
     m1 = config.minimax_m1()
     assert layer_plan(m1) == ((0,) * 7 + (1,), 10, ())

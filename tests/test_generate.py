@@ -24,8 +24,11 @@ def test_prefill_then_decode_equals_full_forward(n):
         step_logits, cache = DECODE(CFG, PARAMS, cache, tokens[:, i : i + 1])
         outs.append(step_logits)
     assert rel_err(jnp.concatenate(outs, axis=1), full) <= 1e-4
-    state = cache["groups"][0]["state"]  # lightning state: constant size, fp32
-    assert state.shape == (1, 2, CFG.num_attention_heads, CFG.head_dim, CFG.head_dim) and state.dtype == jnp.float32
+    state = cache["groups"][0]["state"]  # run 0 = the 3 lightning layers: constant size, fp32
+    assert state.shape == (1, 3, 2, CFG.num_attention_heads, CFG.head_dim, CFG.head_dim)
+    assert state.dtype == jnp.float32
+    kv = cache["groups"][1]["k"]  # the softmax layer's fixed-size KV cache
+    assert kv.shape == (1, 1, 2, n + steps, CFG.num_key_value_heads, CFG.head_dim)
 
 
 def test_prompts_of_different_lengths_in_one_batch():

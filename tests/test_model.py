@@ -13,8 +13,11 @@ from m1jax.moe import MoE, experts_dense, experts_ragged, experts_tiled, route
 CFG = config.tiny(block_size=8)  # 3 lightning + 1 softmax, blocks of 8 tokens
 
 
-def big_params(cfg: ModelConfig, seed=0, scale=15.0):
-    """Random parameters with O(1) activations (init's std 0.02 makes every test trivially pass)."""
+def big_params(cfg: ModelConfig, seed=0, scale=5.0):
+    """Random parameters with O(1) activations (init's std 0.02 makes outputs nearly constant).
+
+    Much larger scales make the 4-layer post-norm model chaotic: fp32 rounding then flips top-k
+    routing near ties and exact comparisons measure chaos instead of correctness."""
     params = init_params(cfg, jax.random.PRNGKey(seed))
     return jax.tree.map(lambda x: x * scale if x.ndim > 2 else x, params)
 
@@ -54,9 +57,7 @@ def test_packed_documents_do_not_interact():
     packed, _ = apply(tokens, seg)
     for lo, hi in ((0, 11), (11, 20), (20, 25)):
         alone, _ = apply(tokens[:, lo:hi])
-        # Block boundaries fall elsewhere when a document runs alone; in this x15-scaled model that
-        # fp32 re-association alone moves logits by ~1e-5 (the cross-document Jacobian above is exactly 0).
-        assert rel_err(packed[:, lo:hi], alone) <= 1e-4
+        assert rel_err(packed[:, lo:hi], alone) <= 1e-5
 
 
 def test_padding_is_left_out_of_router_statistics():

@@ -77,7 +77,7 @@ def test_logits_match_transformers(case, tmp_path):
 def test_save_pretrained_round_trips_through_transformers(tmp_path):
     cfg = config.tiny(rotary_dim=16, num_hidden_layers=6, attn_type_list=(0, 0, 1, 0, 0, 1))
     params = init_params(cfg, jax.random.PRNGKey(3))
-    params = jax.tree.map(lambda x: x * 12.0 if x.ndim > 2 else x, params)  # std 0.24, not 0.02
+    params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 2 else x, params)  # std 0.08, not 0.02
     save_pretrained(cfg, params, str(tmp_path))
     model, info = transformers.MiniMaxForCausalLM.from_pretrained(
         tmp_path, dtype=torch.float32, output_loading_info=True
