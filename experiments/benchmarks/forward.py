@@ -7,8 +7,9 @@ T=2048 (--quick: T=512). One set of random weights (rescaled to std 0.5/sqrt(fan
 run by m1jax (a jitted `M1Model.apply`) and by transformers' MiniMaxForCausalLM loaded from the same weights via
 `m1jax.hf.save_pretrained` (rotary_dim == head_dim because transformers rotates the whole head). Before timing,
 the logits of both on the benchmark input are compared: `max_rel_err` = max|jax - torch| / max|torch| (the script
-fails if it exceeds 1e-3). Times are the median of `reps` calls after one warm-up (3, --quick: 1); `ratio` is
-m1jax tokens/s over transformers tokens/s (> 1: m1jax is faster). `m1jax_compile_s` is the first (trace +
+fails if it exceeds 1e-3). After one warm-up each, m1jax and transformers calls alternate `reps` times (5,
+--quick: 1) so machine drift hits both alike; times are medians and `ratio` is the median over the pairs of
+transformers time / m1jax time (> 1: m1jax is faster). `m1jax_compile_s` is the first (trace +
 compile + run) call minus a steady-state call. `params_total` counts every weight, `params_active`
 the per-token count without embedding and LM head (M1's convention; `m1jax.summary.param_counts`).
 
@@ -60,17 +61,11 @@ def rescale(cfg, params):
     return jax.tree_util.tree_map_with_path(f, params)
 
 
-def timed(fn, reps: int) -> tuple[float, float, object]:
-    """(first-call seconds, median seconds over `reps` further calls, first-call output)."""
+def timed(fn) -> tuple[float, object]:
+    """(wall seconds, output) of one call."""
     t0 = time.perf_counter()
     out = fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), out
+    return time.perf_counter() - t0, out
 
 
 def bench_forward(seq_len: int, reps: int) -> dict:
@@ -93,15 +88,22 @@ def bench_forward(seq_len: int, reps: int) -> dict:
 
     fwd = jax.jit(lambda p, t: M1Model(cfg).apply({"params": p}, t)[0])
     jt = jnp.asarray(tokens)
-    j_first, j_med, j_out = timed(lambda: fwd(params, jt).block_until_ready(), reps)
-
     tt = torch.from_numpy(tokens.astype(np.int64))
+    jax_call = lambda: fwd(params, jt).block_until_ready()
 
-    def torch_fwd():
+    def torch_call():
         with torch.inference_mode():
             return model(input_ids=tt, use_cache=False).logits
 
-    t_first, t_med, t_out = timed(torch_fwd, reps)
+    j_first, j_out = timed(jax_call)
+    t_first, t_out = timed(torch_call)
+    # Interleave the two so that machine drift hits both alike; the ratio is the median of pairs.
+    j_times, t_times = [], []
+    for _ in range(reps):
+        j_times.append(timed(jax_call)[0])
+        t_times.append(timed(torch_call)[0])
+    j_med, t_med = statistics.median(j_times), statistics.median(t_times)
+    pair_ratio = statistics.median(t / j for j, t in zip(j_times, t_times, strict=True))
 
     a, b = np.asarray(j_out, np.float64), t_out.numpy().astype(np.float64)
     abs_err = float(np.max(np.abs(a - b)))
@@ -122,7 +124,9 @@ def bench_forward(seq_len: int, reps: int) -> dict:
         "transformers_s": t_med,
         "m1jax_tokens_per_s": seq_len / j_med,
         "transformers_tokens_per_s": seq_len / t_med,
-        "ratio": t_med / j_med,
+        "ratio": pair_ratio,
+        "m1jax_times_s": j_times,
+        "transformers_times_s": t_times,
         "m1jax_first_call_s": j_first,
         "m1jax_compile_s": j_first - j_med,
         "transformers_first_call_s": t_first,
@@ -175,7 +179,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="T=512, 1 timed repetition (a smoke test)")
     ap.add_argument("--out", default="forward_benchmark.json", help="where to write the JSON report")
     args = ap.parse_args()
-    seq_len, reps = (512, 1) if args.quick else (2048, 3)
+    seq_len, reps = (512, 1) if args.quick else (2048, 5)
     report = {"quick": args.quick, "forward": bench_forward(seq_len, reps), "compile": bench_compile(reps)}
     report["env"] = env()
     text = json.dumps(report, indent=2)
