@@ -195,9 +195,13 @@ class M1Model(nn.Module):
 
 def check_tokens(tokens, vocab_size: int) -> None:
     """Raise on out-of-range token ids when the values are known (not under `jit`)."""
-    if isinstance(tokens, jax.core.Tracer) or not isinstance(tokens, (np.ndarray, jax.Array)):
+    if not isinstance(tokens, (np.ndarray, jax.Array)):
         return
-    lo, hi = int(np.min(tokens)), int(np.max(tokens))
+    try:
+        values = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:  # under jit: values unknown
+        return
+    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}); got min {lo}, max {hi}")
 
