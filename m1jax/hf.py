@@ -7,6 +7,7 @@ stacked arrays, so peak host memory is about one copy of the model.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -252,19 +253,27 @@ def _open(file: str):
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
 
 
-def load_pretrained(path: str, *, param_dtype: str | None = None, **overrides: Any):
+def load_pretrained(path: str, *, param_dtype: str | None = None, shardings=None, **overrides: Any):
     """Read a Hugging Face MiniMax checkpoint directory -> (ModelConfig, params).
 
     Accepts the official (`attn_type_list`) and transformers (`layer_types`) layouts, single or
     sharded safetensors. `param_dtype` defaults to the checkpoint's dtype; `overrides` are
-    ModelConfig fields (e.g. dtype="float32"). Raises CheckpointError naming any missing,
+    ModelConfig fields (e.g. dtype="float32"). `shardings`: optional `cfg -> pytree of
+    jax.sharding.Sharding` (e.g. `lambda c: m1jax.sharding.param_shardings(c, mesh)`); each
+    parameter goes straight onto its devices. Raises CheckpointError naming any missing,
     unexpected or misshapen tensor.
+
+    Memory: parameters are assembled one stacked array at a time and handed to JAX at once, so the
+    host holds the model plus one stacked array, never two copies.
     """
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise CheckpointError(f"{path}: no config.json")
-    with open(cfg_file) as fh:
-        hf_cfg = json.load(fh)
+    try:
+        with open(cfg_file) as fh:
+            hf_cfg = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cfg = config_from_hf(hf_cfg, **overrides)
@@ -281,27 +290,59 @@ def load_pretrained(path: str, *, param_dtype: str | None = None, **overrides: A
         raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:8])}")
 
     shapes = nn.unbox(abstract_params(cfg))
-    out = jax.tree.map(lambda s: np.empty(s.shape, _NP_DTYPES[str(jnp.dtype(s.dtype))]), shapes)
-    handles: dict[str, Any] = {}
+    placement = shardings(cfg) if shardings is not None else jax.tree.map(lambda _: None, shapes)
+    by_leaf: dict[tuple[str, ...], list[TensorSpec]] = {}
     for spec in specs:
-        file = files[spec.name]
-        if file not in handles:
-            handles[file] = _open(file)
+        by_leaf.setdefault(spec.path, []).append(spec)
+    reader = _ShardReader()
+    out: dict = {}
+    for leaf_path, leaf_specs in by_leaf.items():
+        shape = _get(shapes, leaf_path)
+        buf = np.empty(shape.shape, _NP_DTYPES[str(jnp.dtype(shape.dtype))])
+        for spec in sorted(leaf_specs, key=lambda s: files[s.name]):  # few shard switches
+            w = reader.get(files[spec.name], spec.name)
+            if tuple(w.shape) != spec.hf_shape:
+                raise CheckpointError(f"tensor {spec.name} has shape {tuple(w.shape)}, expected {spec.hf_shape}")
+            buf[spec.index] = spec.to_ours(w).astype(buf.dtype, copy=False)
+        sharding = _get(placement, leaf_path)
+        _set(out, leaf_path, jax.block_until_ready(jax.device_put(buf, sharding)))
+        del buf
+        _release_freed_memory()
+    reader.close()
+    return cfg, out
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps buffers below its mmap threshold)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class _ShardReader:
+    """One open safetensors file at a time: a closed file's mmapped pages do not stay resident."""
+
+    def __init__(self):
+        self.file, self.handle = None, None
+
+    def get(self, file: str, name: str) -> np.ndarray:
+        if file != self.file:
+            self.close()
+            self.file, self.handle = file, _open(file)
         try:
-            w = handles[file].get_tensor(spec.name)
+            return self.handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot read tensor {spec.name} ({e})") from e
-        if tuple(w.shape) != spec.hf_shape:
-            raise CheckpointError(f"tensor {spec.name} has shape {tuple(w.shape)}, expected {spec.hf_shape}")
-        target = _get(out, spec.path)
-        target[spec.index] = spec.to_ours(w).astype(target.dtype)
-    handles.clear()
-    # Convert leaf by leaf, dropping each host copy, so peak memory stays near one model.
-    leaves, treedef = jax.tree.flatten(out)
-    del out
-    for i in range(len(leaves)):
-        leaves[i] = jnp.asarray(leaves[i])
-    return cfg, jax.tree.unflatten(treedef, leaves)
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from e
+
+    def close(self):
+        self.file, self.handle = None, None
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
 
 
 # -- saving ------------------------------------------------------------------------------

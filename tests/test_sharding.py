@@ -55,3 +55,20 @@ def test_gradients_under_sharding():
     g_ref = jax.jit(jax.grad(loss))(PARAMS, tokens)
     for a, b in zip(jax.tree.leaves(g_sharded), jax.tree.leaves(g_ref), strict=True):
         assert rel_err(a, b) <= 1e-4
+
+
+def test_load_pretrained_places_parameters_on_the_mesh(tmp_path):
+    from m1jax.hf import load_pretrained, save_pretrained
+
+    cfg = CFG.replace(rotary_dim=CFG.head_dim)
+    save_pretrained(cfg, PARAMS, str(tmp_path))
+    mesh = make_mesh({"fsdp": 2, "tensor": 2, "expert": 2})
+    want = param_shardings(cfg, mesh)
+    _, params = load_pretrained(str(tmp_path), shardings=lambda c: param_shardings(c, mesh), **_fields(cfg))
+    for got, spec, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(PARAMS), strict=True):
+        assert got.sharding == spec
+        assert rel_err(got, ref) == 0.0
+
+
+def _fields(cfg):
+    return {"dtype": cfg.dtype, "remat": cfg.remat}
