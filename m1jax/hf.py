@@ -389,43 +389,37 @@ def save_pretrained(cfg: ModelConfig, params, path: str, *, max_shard_bytes: int
             stacklevel=2,
         )
     os.makedirs(path, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes = 0
+    sizes: list[int] = []  # bytes of each shard written so far
     weight_map: dict[str, int] = {}
     for name, t in _hf_tensors(cfg, params):
-        if sizes[-1] and sizes[-1] + t.nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = t
-        sizes[-1] += t.nbytes
-        weight_map[name] = len(shards) - 1
-        # Write each shard as soon as it is full so only one shard is held in memory.
-        if len(shards) > 1 and shards[-2]:
-            _write_shard(path, shards, len(shards) - 2)
-    total = len(shards)
-    names = [
-        f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors" for i in range(total)
-    ]
-    for i in range(total):
-        if shards[i]:
-            _write_shard(path, shards, i)
-    for i, tmp in enumerate(_tmp_names(path, total)):
-        os.replace(tmp, os.path.join(path, names[i]))
+        if shard and shard_bytes + t.nbytes > max_shard_bytes:
+            sizes.append(_write_shard(path, len(sizes), shard))  # hold one shard in memory at a time
+            shard, shard_bytes = {}, 0
+        shard[name] = t
+        shard_bytes += t.nbytes
+        weight_map[name] = len(sizes)
+    sizes.append(_write_shard(path, len(sizes), shard))
+    total = len(sizes)
+    names = (
+        [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)] if total > 1 else ["model.safetensors"]
+    )
+    for i, name in enumerate(names):
+        os.replace(_tmp_name(path, i), os.path.join(path, name))
     if total > 1:
-        index = {
-            "metadata": {"total_size": int(sum(sizes))},
-            "weight_map": {n: names[i] for n, i in weight_map.items()},
-        }
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": {n: names[i] for n, i in weight_map.items()}}
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
             json.dump(index, fh, indent=2)
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(config_to_hf(cfg), fh, indent=2)
 
 
-def _tmp_names(path: str, total: int) -> list[str]:
-    return [os.path.join(path, f".shard-{i:05d}.tmp") for i in range(total)]
+def _tmp_name(path: str, i: int) -> str:
+    return os.path.join(path, f".shard-{i:05d}.tmp")
 
 
-def _write_shard(path: str, shards: list[dict[str, np.ndarray]], i: int) -> None:
-    save_file(shards[i], os.path.join(path, f".shard-{i:05d}.tmp"), metadata={"format": "pt"})
-    shards[i] = {}
+def _write_shard(path: str, i: int, tensors: dict[str, np.ndarray]) -> int:
+    """Write shard i under a temporary name (renamed once all are written); returns its bytes."""
+    save_file(tensors, _tmp_name(path, i), metadata={"format": "pt"})
+    return sum(t.nbytes for t in tensors.values())

@@ -60,25 +60,23 @@ def experts_dense(x, weights, ids, w1, w3, w2):
 
 
 def _sort(ids, num_experts: int):
-    """Flatten [N, k] assignments, order them by expert. Returns (order, sorted ids, group sizes)."""
+    """Flatten [N, k] assignments, order them by expert. Returns (order, group sizes)."""
     flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    return order, flat[order], jnp.bincount(flat, length=num_experts)
+    return jnp.argsort(flat, stable=True), jnp.bincount(flat, length=num_experts)
 
 
-def _unsort(y_sorted, order, weights):
-    """[N*k, D] rows in expert order -> [N, D] weighted sum over each token's k choices."""
-    n, k = weights.shape
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, -1)
+def _combine(y, weights):
+    """[N, k, D] expert outputs -> [N, D] weighted by each token's renormalised router weights."""
     return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype))
 
 
 def experts_ragged(x, weights, ids, w1, w3, w2):
     k = ids.shape[1]
-    order, _, sizes = _sort(ids, w1.shape[0])
+    order, sizes = _sort(ids, w1.shape[0])
     xs = x[order // k]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w1, sizes)) * jax.lax.ragged_dot(xs, w3, sizes)
-    return _unsort(jax.lax.ragged_dot(h, w2, sizes), order, weights)
+    y_sorted = jax.lax.ragged_dot(h, w2, sizes)
+    return _combine(jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(*ids.shape, -1), weights)
 
 
 def tile_rows(num_assignments: int, num_experts: int) -> int:
@@ -113,8 +111,7 @@ def experts_tiled(x, weights, ids, w1, w3, w2):
         return None, jax.lax.cond(live, mlp, lambda: jnp.zeros_like(xt))
 
     _, yt = jax.lax.scan(tile, None, (buf.reshape(num_tiles, m, -1), tile_expert, used))
-    y = yt.reshape(num_tiles * m, -1)[row].reshape(n, k, -1)
-    return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype))
+    return _combine(yt.reshape(num_tiles * m, -1)[row].reshape(n, k, -1), weights)
 
 
 _IMPLS = {"dense": experts_dense, "tiled": experts_tiled, "ragged": experts_ragged}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_m1 as ref
 import pytest
+from conftest import rel_err
 
 from m1jax import M1Model
 from m1jax.hf import CheckpointError, load_pretrained
@@ -92,10 +93,6 @@ CASES = {
     # a single lightning layer: the slope factor is 1 + 1e-5 (no division by L - 1 = 0)
     "single_lightning_layer": (official_config([0], num_attention_heads=5, num_key_value_heads=5), 37, 1),
 }
-
-
-def rel_err(ours, want) -> float:
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - want)) / np.max(np.abs(want)))
 
 
 @pytest.mark.parametrize("name", list(CASES))
