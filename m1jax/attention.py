@@ -18,15 +18,22 @@ def gqa_attention(q, k, v, mask):
     mask broadcastable to [B, T, S] (True = attend). Softmax in fp32. Returns [B, T, H, D]."""
     b, t, h, d = q.shape
     g = k.shape[2]
-    qg = q.reshape(b, t, g, h // g, d)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=_F32) * (d**-0.5)
+    r = h // g
+    # The R query heads of a group become R*T rows of one matmul per (batch, group): large, plain
+    # batched GEMMs; the softmax normaliser is applied to the [.., D] output, not the [.., S] scores.
+    qg = q.reshape(b, t, g, r, d).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, d)
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, S, D]
+    scores = jnp.einsum("bgmd,bgsd->bgms", qg, kg, preferred_element_type=_F32) * (d**-0.5)
+    scores = scores.reshape(b, g, r, t, -1)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(_F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=_F32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    denom = jnp.sum(p, axis=-1, keepdims=True)  # [B, G, R, T, 1]
+    out = jnp.einsum("bgms,bgsd->bgmd", p.astype(v.dtype).reshape(b, g, r * t, -1), vg, preferred_element_type=_F32)
+    out = out.reshape(b, g, r, t, d) / denom
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
-def causal_attention(q, k, v, runs=None, *, max_blocks: int = 16, min_block: int = 128):
+def causal_attention(q, k, v, runs=None, *, max_blocks: int = 32, min_block: int = 64):
     """Causal GQA over the full sequence, in query blocks that skip the masked upper triangle.
 
     Query block [lo, hi) attends to keys [0, hi) only: about half the work of the full square and
