@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m1jax.config import ModelConfig
-from m1jax.model import abstract_params, param_axes
+from m1jax.model import abstract_params
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -48,13 +48,14 @@ def make_mesh(shape: dict[str, int], devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(dims), MESH_AXES)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES):
-    """A pytree of NamedShardings matching `init_params(cfg, ...)`.
+def tree_shardings(boxed, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a pytree whose leaves are boxed with logical axes (`nn.Partitioned`,
+    e.g. parameters and the optimizer moments derived from them); unboxed leaves are replicated.
 
-    Raises ValueError naming the parameter when a sharded dimension does not divide evenly.
+    Raises ValueError naming the leaf when a sharded dimension does not divide evenly.
     """
-    specs = nn.logical_to_mesh(param_axes(cfg), rules)
-    shapes = nn.unbox(abstract_params(cfg))
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+    shapes = nn.unbox(boxed)
     is_spec = lambda x: isinstance(x, PartitionSpec)
 
     def check(path, spec, shape):
@@ -62,12 +63,35 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES):
             parts = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
             if size % parts:
                 raise ValueError(
-                    f"param {jax.tree_util.keystr(path)} dim {dim} (size {size}) is not divisible by mesh axes "
+                    f"{jax.tree_util.keystr(path)} dim {dim} (size {size}) is not divisible by mesh axes "
                     f"{axes} of size {parts}; change the mesh or the sharding rules"
                 )
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(check, specs, shapes, is_leaf=is_spec)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES):
+    """A pytree of NamedShardings matching `init_params(cfg, ...)` (errors name the parameter)."""
+    return tree_shardings(abstract_params(cfg), mesh, rules)
+
+
+def mesh_from_config(axes: dict[str, int], devices=None) -> Mesh:
+    """A mesh from axis sizes where one axis may be -1 (all remaining devices); without -1 the
+    mesh may be smaller than the machine (the first devices)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = {a: int(n) for a, n in axes.items()}
+    free = [a for a, n in sizes.items() if n == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+    fixed = int(np.prod([n for n in sizes.values() if n != -1]))
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh {sizes}: {len(devices)} devices are not divisible by the fixed axes ({fixed})")
+        sizes[free[0]] = len(devices) // fixed
+    elif fixed < len(devices):
+        devices = devices[:fixed]  # a mesh smaller than the machine uses its first devices
+    return make_mesh(sizes, devices)
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:

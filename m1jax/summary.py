@@ -97,6 +97,10 @@ def load_config_file(path: str) -> ModelConfig:
         raise ValueError(f"--config {path}: defines no get_config()")
     cfg = mod.get_config()
     cfg = getattr(cfg, "model", cfg)
+    if not isinstance(cfg, ModelConfig) and "preset" in cfg:  # a training config's model section
+        from m1jax.train.config import model_config
+
+        cfg = model_config(mod.get_config())
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"--config {path}: get_config() returned {type(cfg).__name__}, not a ModelConfig")
     return cfg

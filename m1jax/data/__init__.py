@@ -1,0 +1,1 @@
+"""Data: the embedded reasoning-task corpus, tokenizers, and packing."""

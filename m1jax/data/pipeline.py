@@ -1,0 +1,170 @@
+"""Corpora as flat token arrays, and a deterministic, checkpointable packer.
+
+A `Corpus` is every document's token ids concatenated ([N] int32) plus document offsets ([D + 1]).
+It is built through `datasets` (the embedded task corpus with `Dataset.from_generator`, or the
+user's text / jsonl / parquet files or a hub dataset) and cached in the workdir as `.npz`.
+
+`Packer` fills rows of `seq_len` tokens with whole documents in a seeded per-epoch order; a
+document longer than a row continues in the next row (as a new segment). Segment ids number the
+documents of a row 1, 2, ...; 0 marks padding. Its position (epoch, document, offset) is a small
+dict saved with every checkpoint, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from m1jax.data import tasks as task_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    tokens: np.ndarray  # [N] int32, documents concatenated
+    offsets: np.ndarray  # [D + 1] int64, document d is tokens[offsets[d]:offsets[d + 1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def doc(self, d: int) -> np.ndarray:
+        return self.tokens[self.offsets[d] : self.offsets[d + 1]]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+def _from_lists(docs) -> Corpus:
+    lengths = np.fromiter((len(d) for d in docs), np.int64, count=len(docs))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.concatenate([np.asarray(d, np.int32) for d in docs]) if len(docs) else np.zeros(0, np.int32)
+    return Corpus(tokens, offsets)
+
+
+def _task_rows(seed: int, split: str, num: int, tasks: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    for _, ex in zip(range(num), task_lib.examples(seed, split, tasks), strict=False):
+        yield {"text": ex.text, "task": ex.task, "difficulty": ex.difficulty}
+
+
+def _raw_dataset(data, split: str, cache_dir: str):
+    """The untokenised `datasets.Dataset` of one split ("train" or "eval")."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if data.source == "tasks":
+        num = data.num_train_docs if split == "train" else data.num_eval_docs
+        kwargs = dict(seed=data.seed, split="train" if split == "train" else "test", num=num, tasks=tuple(data.tasks))
+        return datasets.Dataset.from_generator(_task_rows, gen_kwargs=kwargs, cache_dir=cache_dir)
+    files = [f for f in data.source.split(",") if f]
+    if all(os.path.exists(f) for f in files):
+        ext = os.path.splitext(files[0])[1].lstrip(".").lower()
+        builder = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
+        if builder is None:
+            raise ValueError(f"data.source {files[0]!r}: unsupported extension {ext!r} (txt, jsonl, json, parquet)")
+        full = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+    else:  # a hub dataset name; needs the network
+        full = datasets.load_dataset(data.source, split="train", cache_dir=cache_dir)
+    if data.text_field not in full.column_names:
+        raise ValueError(f"data.text_field {data.text_field!r} not in the dataset's columns {full.column_names}")
+    # Held-out documents: the last `num_eval_docs` rows, never trained on.
+    n_eval = min(data.num_eval_docs, max(len(full) // 10, 1))
+    return full.select(range(len(full) - n_eval, len(full)) if split == "eval" else range(len(full) - n_eval))
+
+
+def load_corpus(data, tokenizer, workdir: str, split: str = "train") -> Corpus:
+    """Tokenise one split of `data` (an ml_collections/dataclass-like config) with `tokenizer`.
+
+    Every document is `<bos> text <eos>`. Cached under `workdir/data/` by a hash of the data
+    config and the tokenizer, so a resumed run reuses it.
+    """
+    cache_dir = os.path.join(workdir, "data")
+    os.makedirs(cache_dir, exist_ok=True)
+    spec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(data).items()}
+    key = json.dumps({"data": spec, "split": split, "tokenizer": repr(tokenizer)}, sort_keys=True, default=str)
+    path = os.path.join(cache_dir, f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return Corpus(f["tokens"], f["offsets"])
+    raw = _raw_dataset(data, split, cache_dir)
+    field = "text" if data.source == "tasks" else data.text_field
+    docs = [tokenizer.encode(t, bos=True, eos=True) for t in raw[field] if t]
+    corpus = _from_lists(docs)
+    if len(corpus) == 0:
+        raise ValueError(f"data.source {data.source!r} gave no documents for split {split!r}")
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, tokens=corpus.tokens, offsets=corpus.offsets)
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    return corpus
+
+
+class Packer:
+    """Rows of `seq_len` tokens from `corpus`, `batch_size` rows per batch, deterministic in `seed`.
+
+    `next_batch()` -> {"tokens": [B, T] int32, "segment_ids": [B, T] int32}. `state` / `restore`
+    give and set the position (a JSON-able dict). `shuffle=False` keeps corpus order (eval).
+    """
+
+    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True):
+        if len(corpus) == 0:
+            raise ValueError("cannot pack an empty corpus")
+        self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.index, self.offset = 0, 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        n = len(self.corpus)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    @property
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "offset": self.offset, "seed": self.seed}
+
+    def restore(self, state: dict[str, int]) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, the config has seed {self.seed}")
+        self.epoch, self.index, self.offset = int(state["epoch"]), int(state["index"]), int(state["offset"])
+        self._order = self._epoch_order(self.epoch)
+
+    def _row(self) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.zeros(self.seq_len, np.int32)
+        segs = np.zeros(self.seq_len, np.int32)
+        filled, seg = 0, 0
+        while filled < self.seq_len:
+            doc = self.corpus.doc(int(self._order[self.index]))
+            rest = len(doc) - self.offset
+            space = self.seq_len - filled
+            if rest > space and filled > 0 and len(doc) <= self.seq_len:
+                break  # a document that fits a row is never split: it starts the next row
+            take = min(rest, space)
+            seg += 1
+            tokens[filled : filled + take] = doc[self.offset : self.offset + take]
+            segs[filled : filled + take] = seg
+            filled += take
+            self.offset += take
+            if self.offset == len(doc):
+                self.offset = 0
+                self.index += 1
+                if self.index == len(self.corpus):
+                    self.epoch, self.index = self.epoch + 1, 0
+                    self._order = self._epoch_order(self.epoch)
+        return tokens, segs
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        rows = [self._row() for _ in range(self.batch_size)]
+        return {"tokens": np.stack([r[0] for r in rows]), "segment_ids": np.stack([r[1] for r in rows])}
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+
+def loss_mask(segment_ids: np.ndarray) -> np.ndarray:
+    """[B, T] -> [B, T-1] bool: token t+1 is a target for position t (same document, not padding)."""
+    return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)

@@ -1,0 +1,113 @@
+"""The pretraining config: an `ml_collections.ConfigDict` with few keys, checked before compiling.
+
+`base_config()` holds every key with a default; config files (configs/pretrain_*.py) start from it
+and change what they need. `model` is a preset name plus `ModelConfig` overrides, so
+`--config.model.num_hidden_layers=16` works from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from m1jax import config as presets
+from m1jax.config import ModelConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Model: a preset of m1jax.config plus overrides of ModelConfig fields.
+    c.model = ml_collections.ConfigDict({"preset": "tiny"})
+    # Steps and batches. batch_size is global (all hosts); micro_batches splits it for
+    # gradient accumulation (a scan, one optimizer update per step).
+    c.steps = 200
+    c.batch_size = 16
+    c.micro_batches = 1
+    c.seq_len = 256
+    # Optimizer: AdamW, warmup then cosine / WSD (warmup-stable-decay) / constant.
+    c.learning_rate = 3e-3
+    c.min_lr_ratio = 0.1
+    c.warmup_steps = 20
+    c.schedule = "cosine"
+    c.decay_fraction = 0.2  # WSD: the final fraction of steps that decays
+    c.b1 = 0.9
+    c.b2 = 0.95
+    c.eps = 1e-8
+    c.weight_decay = 0.1
+    c.grad_clip = 1.0
+    c.max_bad_steps = 5  # consecutive non-finite steps before the run stops
+    # Logging, evaluation, checkpoints.
+    c.log_every = 10
+    c.eval_every = 100
+    c.eval_batches = 2
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.num_samples = 16  # greedy samples from held-out prompts at the end
+    c.max_new_tokens = 96
+    c.peak_tflops = 0.0  # per device, for MFU; 0: look up the device kind (None on CPU)
+    # Data: "tasks" (the embedded reasoning corpus) or comma-separated text/jsonl/parquet files,
+    # or a hub dataset name (online only).
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tasks"
+    c.data.seed = 0
+    c.data.tasks = ("add", "sub", "mul", "copy", "reverse", "sort", "linear")
+    c.data.num_train_docs = 100_000
+    c.data.num_eval_docs = 1_000
+    c.data.text_field = "text"
+    c.data.tokenizer = "byte"  # or a tokenizers JSON file
+    # Mesh: axis sizes; -1 takes all remaining devices. One device by default.
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+    return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+    """The `ModelConfig` of a training config (a preset name plus overrides)."""
+    overrides = dict(c.model)
+    name = overrides.pop("preset", "tiny")
+    if name not in presets.PRESETS:
+        raise ValueError(f"config.model.preset={name!r} is not one of {sorted(presets.PRESETS)}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"config.model has unknown ModelConfig fields {unknown}")
+    return presets.PRESETS[name](**overrides)
+
+
+def validate(c: ml_collections.ConfigDict, tokenizer_vocab: int | None = None) -> ModelConfig:
+    """Check the config before anything is compiled; returns the model config."""
+    unknown = sorted(set(c.keys()) - set(base_config().keys()))
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+
+    def need(ok: bool, field: str, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"config.{field}={c[field]!r}: {msg}")
+
+    for f in ("steps", "batch_size", "micro_batches", "seq_len", "log_every", "eval_every", "checkpoint_every"):
+        need(int(c[f]) >= 1, f, "must be a positive integer")
+    need(c.batch_size % c.micro_batches == 0, "batch_size", f"must be divisible by micro_batches={c.micro_batches}")
+    need(c.learning_rate > 0, "learning_rate", "must be positive")
+    need(0 <= c.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]")
+    need(0 <= c.warmup_steps <= c.steps, "warmup_steps", f"must lie in [0, steps={c.steps}]")
+    need(c.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+    need(0 < c.decay_fraction <= 1, "decay_fraction", "must lie in (0, 1]")
+    need(0 <= c.b1 < 1 and 0 <= c.b2 < 1, "b2" if not 0 <= c.b2 < 1 else "b1", "Adam betas must lie in [0, 1)")
+    need(c.eps > 0, "eps", "must be positive")
+    need(c.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+    need(c.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    need(c.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+    cfg = model_config(c)
+    need(
+        c.seq_len % cfg.block_size == 0,
+        "seq_len",
+        f"must be a multiple of the lightning block size (model.block_size={cfg.block_size})",
+    )
+    if tokenizer_vocab is not None and tokenizer_vocab > cfg.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"
+        )
+    return cfg

@@ -1,0 +1,208 @@
+"""The pretraining run: `train(config, workdir)`, callable from the CLI or a notebook.
+
+Re-running with the same workdir resumes from the newest readable checkpoint (state and data
+position), so the loss curve continues exactly. SIGTERM / SIGINT (preemption) finishes the
+current step, saves a checkpoint at it and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from m1jax import sharding as shd
+from m1jax.data import tasks as task_lib
+from m1jax.data.pipeline import Packer, load_corpus
+from m1jax.data.tokenizer import load_tokenizer
+from m1jax.generate import generate
+from m1jax.train import flops as flops_lib
+from m1jax.train import optim
+from m1jax.train.checkpoint import Checkpointer
+from m1jax.train.config import validate
+from m1jax.train.metrics import MetricWriter
+from m1jax.train.step import Trainer
+
+log = logging.getLogger("m1jax")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Yields a dict whose "signal" entry is set by SIGTERM / SIGINT instead of dying mid-step."""
+    flag: dict[str, str | None] = {"signal": None}
+    old = {}
+    if threading.current_thread() is threading.main_thread():  # handlers only work there
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in old:
+            signal.signal(s, lambda num, _frame: flag.__setitem__("signal", signal.Signals(num).name))
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _eval_loss(trainer: Trainer, params, corpus, c) -> float:
+    packer = Packer(corpus, c.seq_len, c.batch_size, shuffle=False)  # the same rows every time
+    total, count = 0.0, 0.0
+    for _ in range(c.eval_batches):
+        s, n = jax.device_get(trainer.eval(params, trainer.put_batch(packer.next_batch())))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def samples(cfg, params, tokenizer, c) -> tuple[list[dict], float | None]:
+    """Greedy completions of held-out prompts; accuracy for the embedded task corpus."""
+    if c.num_samples <= 0 or c.data.source != "tasks":  # only the task corpus has checkable answers
+        return [], None
+    stream = task_lib.examples(c.data.seed + 1, "test", tuple(c.data.tasks))
+    exs = [next(stream) for _ in range(c.num_samples)]
+    prompts = [tokenizer.encode(e.prompt, bos=True) for e in exs]
+    gen = generate(cfg, params, prompts, c.max_new_tokens, greedy=True, stop_tokens=[tokenizer.eos_id])
+    toks, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+    rows = []
+    for e, t, n in zip(exs, toks, lengths, strict=True):
+        text = tokenizer.decode(t[:n].tolist(), skip_special=False).replace("<eos>", "")
+        rows.append(
+            {"prompt": e.prompt, "completion": text, "answer": e.answer, "reward": task_lib.score(text, e.answer)}
+        )
+    return rows, float(np.mean([r["reward"] for r in rows]))
+
+
+def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Train (or resume) per config `c` in `workdir`. Returns a summary dict.
+
+    stop_at: stop after this step as a preemption would (checkpoint, no samples); the schedule
+    still runs to `c.steps`, so a later call resumes the same run.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = load_tokenizer(c.data.tokenizer)
+    cfg = validate(c, tokenizer.vocab_size)
+    with open(os.path.join(workdir, "config.json"), "w") as fh:
+        fh.write(c.to_json_best_effort(indent=2))
+
+    mesh = shd.mesh_from_config(dict(c.mesh))
+    n_proc = jax.process_count()
+    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    if (c.batch_size // c.micro_batches) % dp:
+        raise ValueError(
+            f"config.batch_size={c.batch_size} / micro_batches={c.micro_batches} is not divisible by the "
+            f"{dp} batch-parallel devices of mesh {dict(mesh.shape)}"
+        )
+    if c.batch_size % n_proc:
+        raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the {n_proc} processes")
+    train_corpus = load_corpus(c.data, tokenizer, workdir, "train")
+    eval_corpus = load_corpus(c.data, tokenizer, workdir, "eval")
+    packer = Packer(train_corpus, c.seq_len, c.batch_size, seed=c.data.seed)
+
+    lr_fn = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
+    tx = optim.adamw(lr_fn, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
+
+    restored = ckpt.restore_latest(trainer.abstract_state)
+    if restored is None:
+        state, start = trainer.init(jax.random.PRNGKey(c.seed)), 0
+    else:
+        start, state, data_state = restored
+        packer.restore(data_state)
+        log.info(f"resumed from step {start} ({ckpt.directory})")
+    writer = MetricWriter(workdir, resume_step=start if restored else None)
+
+    fpt = flops_lib.train_flops_per_token(cfg, c.seq_len)
+    peak = flops_lib.peak_flops_per_device(override_tflops=c.peak_tflops)
+    rows_per_proc = c.batch_size // n_proc
+    tokens_per_step = c.batch_size * c.seq_len
+    summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
+
+    def host_batch():  # every process packs the global batch and keeps its own rows
+        b = packer.next_batch()
+        i = jax.process_index()
+        return {k: v[i * rows_per_proc : (i + 1) * rows_per_proc] for k, v in b.items()}
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    step, last_loss = start, None
+    t_log, steps_since, pending = time.perf_counter(), 0, None
+    with _stop_on_signals() as flag:
+        while step < min(c.steps, stop_at or c.steps) and flag["signal"] is None:
+            state, metrics = trainer.step(state, trainer.put_batch(host_batch()))
+            step += 1
+            steps_since += 1
+            # Read the previous step's metrics while this one runs (keeps the device busy).
+            if pending is not None:
+                _check_finite(*pending, c.max_bad_steps)
+            pending = (step, metrics)
+            if step % c.log_every == 0 or step == c.steps:
+                m = jax.device_get(metrics)
+                dt = time.perf_counter() - t_log
+                tps = steps_since * tokens_per_step / dt
+                load = np.asarray(m.pop("expert_load"))
+                row = dict(m, finite=float(m["finite"]), perplexity=float(np.exp(min(float(m["loss"]), 50.0))))
+                row.update(
+                    tokens_per_s=tps,
+                    step_time_s=dt / steps_since,
+                    mfu=flops_lib.mfu(tps, fpt, mesh.size, peak),
+                    expert_load_max=float(load.max() * cfg.num_local_experts),
+                    expert_load=load,
+                )
+                writer.write(step, row)
+                last_loss = float(m["loss"])
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                t_log, steps_since = time.perf_counter(), 0
+            if step % c.eval_every == 0 or step == c.steps:
+                writer.write(step, {"eval_loss": _eval_loss(trainer, state["params"], eval_corpus, c)})
+            if step % c.checkpoint_every == 0 and step < c.steps:
+                ckpt.save(step, state, packer.state)
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            _check_finite(*pending, c.max_bad_steps)
+    if bar is not None:
+        bar.close()
+
+    ckpt.save(step, state, packer.state, force=True, wait=True)
+    ckpt.close()
+    summary.update(end_step=step, last_loss=last_loss, checkpoints=ckpt.steps())
+    if step < c.steps:
+        summary["stopped_by"] = flag["signal"] or "stop_at"
+        log.warning(f"{summary['stopped_by']}: saved a checkpoint at step {step}; rerun the same command to resume")
+        writer.close()
+        return summary
+
+    rows, acc = samples(cfg, state["params"], tokenizer, c)
+    if rows:
+        with open(os.path.join(workdir, "samples.jsonl"), "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        writer.write(step, {"sample_accuracy": acc})
+        writer.write_text("samples", "\n\n".join(f"{r['prompt']}{r['completion']}" for r in rows[:8]), step)
+    writer.close()
+    summary.update(samples=rows, sample_accuracy=acc)
+    return summary
+
+
+def _check_finite(step: int, metrics, max_bad: int) -> None:
+    streak = int(metrics["bad_streak"])
+    if streak:
+        log.warning(f"step {step}: non-finite loss or gradient (loss={float(metrics['loss'])}); update skipped")
+    if streak >= max_bad:
+        raise NonFiniteError(
+            f"{streak} consecutive steps up to step {step} had a non-finite loss or gradient norm "
+            f"(max_bad_steps={max_bad}); lower the learning rate or check the data. The last good checkpoint is kept."
+        )
