@@ -35,10 +35,6 @@ class Corpus:
     def doc(self, d: int) -> np.ndarray:
         return self.tokens[self.offsets[d] : self.offsets[d + 1]]
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
-
 
 def _from_lists(docs) -> Corpus:
     lengths = np.fromiter((len(d) for d in docs), np.int64, count=len(docs))
@@ -160,11 +156,8 @@ class Packer:
         rows = [self._row() for _ in range(self.batch_size)]
         return {"tokens": np.stack([r[0] for r in rows]), "segment_ids": np.stack([r[1] for r in rows])}
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
-
-def loss_mask(segment_ids: np.ndarray) -> np.ndarray:
-    """[B, T] -> [B, T-1] bool: token t+1 is a target for position t (same document, not padding)."""
+def loss_mask(segment_ids):
+    """[B, T] -> [B, T-1] bool: token t+1 is a target for position t (same document, not padding).
+    Works on numpy and jax arrays; the training loss uses it too."""
     return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)

@@ -55,8 +55,5 @@ class Checkpointer:
             raise RuntimeError("no checkpoint could be restored:\n" + "\n".join(failures))
         return None
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.close()

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
+from m1jax.data.pipeline import loss_mask
 from m1jax.model import M1Model
 
 _F32 = jnp.float32
@@ -28,8 +29,8 @@ _F32 = jnp.float32
 def targets_and_mask(tokens, segment_ids):
     """[B, T] -> (targets [B, T], mask [B, T] fp32): position t predicts token t+1 of its own document."""
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    nxt = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
-    return targets, ((nxt == segment_ids) & (segment_ids != 0)).astype(_F32)
+    mask = jnp.concatenate([loss_mask(segment_ids), jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)
+    return targets, mask.astype(_F32)
 
 
 def token_nll(logits, targets):
