@@ -103,15 +103,52 @@ def experts_tiled(x, weights, ids, w1, w3, w2):
     tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_tiles) * m, side="right"), e - 1)
     used = jnp.arange(num_tiles) * m < padded_end[-1]
 
-    # A loop over tiles indexing the expert weights in place: gathering a weight copy per tile
-    # costs more memory traffic than the matmuls on CPU.
-    def tile(_, xs):
-        xt, ex, live = xs
-        mlp = lambda: jax.nn.silu(xt @ w1[ex]) * (xt @ w3[ex]) @ w2[ex]
-        return None, jax.lax.cond(live, mlp, lambda: jnp.zeros_like(xt))
-
-    _, yt = jax.lax.scan(tile, None, (buf.reshape(num_tiles, m, -1), tile_expert, used))
+    tiles = buf.reshape(num_tiles, m, -1)
+    h = jax.nn.silu(tile_matmul(tiles, w1, tile_expert, used)) * tile_matmul(tiles, w3, tile_expert, used)
+    yt = tile_matmul(h, w2, tile_expert, used)
     return _combine(yt.reshape(num_tiles * m, -1)[row].reshape(n, k, -1), weights)
+
+
+@jax.custom_vjp
+def tile_matmul(x, w, tile_expert, live):
+    """x [S, m, K] tiles sorted by expert, w [E, K, N], tile_expert [S], live [S] -> [S, m, N].
+
+    Tile s is x[s] @ w[tile_expert[s]] (zeros where not live). A loop over tiles indexing the
+    weights in place: a gathered weight copy per tile costs more memory traffic than the matmul on
+    CPU. The custom VJP accumulates each tile's weight gradient into its expert's slice only;
+    autodiff of the loop would add a full [E, K, N] cotangent per tile.
+    """
+    return _tile_mm(x, w, tile_expert, live, transpose=False)
+
+
+def _tile_mm(x, w, tile_expert, live, transpose: bool):
+    def body(_, xs):
+        xt, ex, on = xs
+        mm = lambda: xt @ (w[ex].T if transpose else w[ex])
+        shape = (xt.shape[0], w.shape[1] if transpose else w.shape[2])
+        return None, jax.lax.cond(on, mm, lambda: jnp.zeros(shape, xt.dtype))
+
+    return jax.lax.scan(body, None, (x, tile_expert, live))[1]
+
+
+def _tile_matmul_fwd(x, w, tile_expert, live):
+    return _tile_mm(x, w, tile_expert, live, transpose=False), (x, w, tile_expert, live)
+
+
+def _tile_matmul_bwd(res, dy):
+    x, w, tile_expert, live = res
+    dx = _tile_mm(dy, w, tile_expert, live, transpose=True)
+
+    def body(dw, xs):
+        xt, dyt, ex, on = xs
+        add = lambda: jax.lax.dynamic_update_index_in_dim(dw, dw[ex] + xt.T @ dyt, ex, 0)
+        return jax.lax.cond(on, add, lambda: dw), None
+
+    dw = jax.lax.scan(body, jnp.zeros(w.shape, w.dtype), (x, dy, tile_expert, live))[0]
+    return dx, dw, None, None
+
+
+tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
 
 
 _IMPLS = {"dense": experts_dense, "tiled": experts_tiled, "ragged": experts_ragged}
