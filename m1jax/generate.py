@@ -41,18 +41,27 @@ def decode_step(cfg: ModelConfig, params, cache, tokens):
     return logits, cache
 
 
-def sample_logits(rng, logits, *, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False):
-    """logits [B, V] -> token ids [B]. Nucleus (top-p) filtering after temperature scaling."""
-    if greedy or temperature == 0.0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
+def process_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """logits [B, V] fp32 -> the sampling distribution's logits: / temperature, then -inf outside the
+    top-k (k > 0) and outside the nucleus (smallest set with mass >= top_p)."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
         cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
-    return jax.random.categorical(rng, logits, axis=-1)
+    return logits
+
+
+def sample_logits(rng, logits, *, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False):
+    """logits [B, V] -> token ids [B]. Nucleus (top-p) filtering after temperature scaling."""
+    if greedy or temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(rng, process_logits(logits, temperature=temperature, top_p=top_p), axis=-1)
 
 
 class Generation(NamedTuple):

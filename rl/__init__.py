@@ -1,4 +1,3 @@
-"""CISPO reinforcement learning (rollouts, clipped IS-weight updates, GRPO/DAPO baselines).
-
-Not implemented yet: tracked by the CISPO issue. The model and `m1jax.generate` it builds on exist.
-"""
+"""CISPO reinforcement learning: rollouts (`sampler`), rewards (`rewards`, `sandbox`), group-relative
+advantages (`advantages`), objectives (`losses`: cispo, grpo, dapo, gspo), the jitted update
+(`step`) and the run (`loop.train`)."""

@@ -23,8 +23,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, data_state: dict, *, force: bool = False, wait: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-        saved = self.manager.save(step, args=args, force=force)
+        if step in self.manager.all_steps():  # e.g. a periodic save, then a stop at the same step
+            saved = False
+        else:
+            args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+            saved = self.manager.save(step, args=args, force=force)
         if wait:
             self.manager.wait_until_finished()
         return saved

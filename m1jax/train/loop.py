@@ -81,6 +81,13 @@ def samples(cfg, params, tokenizer, c) -> tuple[list[dict], float | None]:
     return rows, float(np.mean([r["reward"] for r in rows]))
 
 
+def make_optimizer(c: ml_collections.ConfigDict):
+    """(lr schedule, AdamW transformation) of a pretraining config."""
+    lr_fn = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
+    tx = optim.adamw(lr_fn, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    return lr_fn, tx
+
+
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
     """Train (or resume) per config `c` in `workdir`. Returns a summary dict.
 
@@ -107,8 +114,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     eval_corpus = load_corpus(c.data, tokenizer, workdir, "eval")
     packer = Packer(train_corpus, c.seq_len, c.batch_size, seed=c.data.seed)
 
-    lr_fn = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
-    tx = optim.adamw(lr_fn, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    lr_fn, tx = make_optimizer(c)
     trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
 

@@ -1,0 +1,27 @@
+"""CISPO on the embedded reasoning tasks, starting from the tiny pretrained model.
+
+    python -m experiments.pretrain --workdir runs/pretrain
+    python -m experiments.cispo --config configs/cispo_tiny.py --workdir runs/cispo --config.init_from=runs/pretrain
+
+The model, tokenizer and parameters come from the pretraining workdir. About 10 minutes on a
+2-core CPU.
+"""
+
+from rl.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.init_from = "runs/pretrain"
+    c.data.source = "tasks"
+    c.reward = "task"
+    c.steps = 40
+    c.prompts_per_step = 16
+    c.samples_per_prompt = 8
+    c.updates_per_rollout = 4
+    c.max_new_tokens = 64
+    c.learning_rate = 2e-5
+    c.eval_every = 10
+    c.eval_prompts = 128
+    c.checkpoint_every = 10
+    return c

@@ -1,0 +1,163 @@
+"""The jitted RL pieces: log-probs of a rollout, and one policy update on a minibatch.
+
+A minibatch is a dict of row-aligned arrays (rows sharded over the data-parallel mesh axes):
+  prompt [B, T] (left-padded), prompt_lengths [B], tokens [B, N], mask [B, N] (response tokens
+  that enter the loss: the response mask times the sample's weight), old_logp [B, N],
+  ref_logp [B, N], advantages [B].
+The loss is normalised by the minibatch's *global* token (or sequence) count, computed before
+it is split into micro-batches, so accumulation and data parallelism leave it unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from m1jax import sharding as shd
+from m1jax.config import ModelConfig
+from m1jax.model import M1Model
+from m1jax.train.step import _split_micro
+from rl import losses
+from rl.sampler import entropy, sequence_logprobs
+
+_F32 = jnp.float32
+_SUMMED = ("loss", "pg_loss", "kl", "tokens", "aux_loss")  # already divided by the global count
+
+
+def _combine_metrics(ms: dict, weights) -> dict:
+    """Stacked per-micro-batch metrics [m] -> one value each (sums, token-weighted means, max, min)."""
+    out = {}
+    for k, v in ms.items():
+        if k in _SUMMED:
+            out[k] = jnp.sum(v)
+        elif k.endswith("_max"):
+            out[k] = jnp.max(v)
+        elif k.endswith("_min"):
+            out[k] = jnp.min(v)
+        else:
+            out[k] = jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return out
+
+
+def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature, kl_coef, aux, micro, state, mb):
+    """One optimizer update on minibatch `mb` (accumulated over `micro` micro-batches)."""
+    loss_fn = losses.get(loss_name)
+    agg = loss_kw.get("aggregation", _default_aggregation(loss_fn))
+    mask = mb["mask"]
+    denom = jnp.sum(mask) if agg == "token_mean" else jnp.sum(jnp.sum(mask, -1) > 0).astype(_F32)
+
+    def loss(params, b):
+        logp, logits, a = sequence_logprobs(
+            cfg, params, b["prompt"], b["prompt_lengths"], b["tokens"], b["mask"], temperature
+        )
+        value, m = loss_fn(
+            logp,
+            b["old_logp"],
+            b["advantages"],
+            b["mask"],
+            ref_logp=b["ref_logp"],
+            kl_coef=kl_coef,
+            denom=denom,
+            **loss_kw,
+        )
+        m["entropy"] = entropy(jax.lax.stop_gradient(logits), b["mask"])
+        m["aux_loss"] = a["router_aux_loss"] / micro
+        if aux:
+            value = value + cfg.router_aux_loss_coef * m["aux_loss"]
+        return value, m
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    params = state["params"]
+    if micro == 1:
+        (_, metrics), grads = grad_fn(params, mb)
+    else:
+        parts = jax.tree.map(lambda x: _split_micro(x, micro), mb)
+
+        def body(acc, b):
+            (_, m), g = grad_fn(params, b)
+            return jax.tree.map(jnp.add, acc, g), m
+
+        grads, ms = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), parts)
+        metrics = _combine_metrics(ms, jnp.sum(parts["mask"], axis=(1, 2)))
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = {
+        "step": state["step"] + 1,  # optimizer updates: the schedule's clock
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+    }
+    return new_state, dict(metrics, grad_norm=grad_norm, finite=ok)
+
+
+def _default_aggregation(fn) -> str:
+    return inspect.signature(fn).parameters["aggregation"].default
+
+
+def rollout_logprobs(cfg: ModelConfig, temperature, params, rollout: dict):
+    """Trainer-side log pi of each response token [B, N] fp32 (old or reference policy)."""
+    return sequence_logprobs(
+        cfg, params, rollout["prompt"], rollout["prompt_lengths"], rollout["tokens"], rollout["mask"], temperature
+    )[0]
+
+
+def _boxed_state(cfg: ModelConfig, tx, rng):
+    params = M1Model(cfg).init(rng, jnp.zeros((1, min(cfg.block_size, 8)), jnp.int32))["params"]
+    zero = jnp.zeros((), jnp.int32)
+    return {"step": zero, "params": params, "opt_state": tx.init(params), "skipped": zero}
+
+
+class RLTrainer:
+    """Compiled RL pieces on `mesh` with explicit shardings (the same logical rules as pretraining)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tx,
+        mesh: Mesh,
+        *,
+        loss: str,
+        loss_kw: dict,
+        temperature: float,
+        kl_coef: float,
+        aux: bool,
+        micro_batches: int = 1,
+        rules=shd.DEFAULT_RULES,
+    ):
+        self.cfg, self.tx, self.mesh, self.rules = cfg, tx, mesh, rules
+        boxed = jax.eval_shape(functools.partial(_boxed_state, cfg, tx), jax.random.PRNGKey(0))
+        self.state_sharding = shd.tree_shardings(boxed, mesh, rules)
+        self.abstract_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed), self.state_sharding
+        )
+        replicated = NamedSharding(mesh, PartitionSpec())
+        step = functools.partial(update_step, cfg, tx, loss, loss_kw, temperature, kl_coef, aux, micro_batches)
+        self.update = jax.jit(
+            step,
+            in_shardings=(self.state_sharding, None),
+            out_shardings=(self.state_sharding, replicated),
+            donate_argnums=0,
+        )
+        self.logprobs = jax.jit(functools.partial(rollout_logprobs, cfg, temperature), out_shardings=None)
+        self._init = jax.jit(lambda rng: nn.unbox(_boxed_state(cfg, tx, rng)), out_shardings=self.state_sharding)
+
+    def init(self, rng):
+        return self._init(rng)
+
+    def shard_rows(self, arrays: dict) -> dict:
+        """Host arrays [B, ...] (the global batch, same on every process) -> row-sharded global arrays."""
+
+        def put(x):
+            spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (x.ndim - 1), self.rules)
+            return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+        return {k: put(v) for k, v in arrays.items()}
