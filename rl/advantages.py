@@ -52,7 +52,10 @@ def group_batch_std(r, valid, eps: float = 1e-6):
     """(R - mean_G) / (std over the whole batch + eps): less noisy scaling for small groups."""
     mean, _ = _group_stats(r, valid)
     centred = r - mean
-    std = np.std(centred[valid]) if valid.any() else 0.0
+    # Over valid samples of groups with some spread: solved / failed groups would shrink it.
+    spread = np.where(valid, r, -np.inf).max(-1) - np.where(valid, r, np.inf).min(-1)
+    use = valid & (spread > 1e-9)[:, None]
+    std = np.std(centred[use], ddof=1) if use.sum() > 1 else 0.0
     return centred / (std + eps)
 
 

@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.advantage = "group"
     c.zero_variance = "drop"  # or "keep" (with zero advantage)
     c.old_logp = "trainer"  # recomputed by the trainer in fp32, or the sampler's
+    c.mask_truncated = False  # DAPO overlong filtering: no gradient from responses cut at max_new_tokens
     # Optimizer (M1: AdamW 0.9 / 0.95, eps 1e-15).
     c.learning_rate = 1e-5
     c.warmup_steps = 0
@@ -124,6 +125,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.advantage in advantages.ESTIMATORS, "advantage", f"must be one of {sorted(advantages.ESTIMATORS)}")
     need(c.zero_variance in ("drop", "keep"), "zero_variance", "must be 'drop' or 'keep'")
     need(c.old_logp in OLD_LOGP, "old_logp", f"must be one of {OLD_LOGP}")
+    need(
+        c.old_logp == "trainer" or (c.top_p == 1 and c.top_k == 0),
+        "old_logp",
+        "'sampler' log-probs are of the top-p / top-k truncated distribution, not pi_old: use 'trainer'",
+    )
     need(c.learning_rate > 0, "learning_rate", "must be positive")
     need(c.eps > 0, "eps", "must be positive")
     need(c.temperature > 0, "temperature", "must be positive")

@@ -9,6 +9,7 @@ command on the same workdir resumes; SIGTERM / SIGINT save and return.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -82,6 +83,11 @@ def _texts(tokenizer, rollout, stop_id) -> list[str]:
     return out
 
 
+def exact(c, texts, refs) -> np.ndarray:
+    """1.0 where the answer is exactly right (the task family's check, or all positions for the toy)."""
+    return reward_lib.get("positions" if c.data.source != "tasks" else "task")(texts, refs) >= 1.0
+
+
 def evaluate(cfg, params, tokenizer, c, reward_fn) -> dict:
     """Greedy responses to the fixed held-out prompts: mean reward and exact-answer accuracy."""
     split = "test" if c.data.source == "tasks" else "eval"
@@ -92,8 +98,8 @@ def evaluate(cfg, params, tokenizer, c, reward_fn) -> dict:
     r = sample(cfg, params, [tokenizer.encode(p, bos=True) for p, _ in pairs], sp, jax.random.PRNGKey(0))
     texts = _texts(tokenizer, r, tokenizer.eos_id)
     refs = [ref for _, ref in pairs]
-    exact = reward_lib.get("positions" if c.data.source != "tasks" else "task")(texts, refs) >= 1.0
-    return {"eval_reward": float(np.mean(reward_fn(texts, refs))), "eval_accuracy": float(np.mean(exact))}
+    right = exact(c, texts, refs)
+    return {"eval_reward": float(np.mean(reward_fn(texts, refs))), "eval_accuracy": float(np.mean(right))}
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
@@ -112,6 +118,14 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         pc = pretrain_base()
         pc.model = c.model
         cfg, init_params = model_config(pc), None
+    cfg = dataclasses.replace(cfg, lm_head_fp32=True)  # M1: fp32 LM head for RL log-probs
+    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    rows = c.prompts_per_step * c.samples_per_prompt // (c.updates_per_rollout * c.micro_batches)
+    if rows % dp:
+        raise ValueError(
+            f"config.prompts_per_step x samples_per_prompt / (updates_per_rollout x micro_batches) = {rows} rows "
+            f"per micro-batch is not divisible by the {dp} batch-parallel devices of mesh {dict(mesh.shape)}"
+        )
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's ({tokenizer.vocab_size})")
     reward_fn = reward_lib.combine(reward_weights(c.reward))
@@ -133,7 +147,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     fresh = trainer.init(jax.random.PRNGKey(c.seed))
     if init_params is not None:
         params = jax.device_put(init_params, trainer.state_sharding["params"])
-        fresh = {**fresh, "params": params, "opt_state": jax.jit(tx.init)(params)}
+        opt_state = jax.jit(tx.init, out_shardings=trainer.state_sharding["opt_state"])(params)
+        fresh = {**fresh, "params": params, "opt_state": opt_state}
     ref_params = jax.tree.map(lambda x: x.copy(), fresh["params"])  # the frozen reference policy
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
     restored = ckpt.restore_latest(trainer.abstract_state)
@@ -160,7 +175,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=start, desc=f"rl:{c.loss}", unit="step", dynamic_ncols=True)
-    step = start
+    step, last_eval = start, None
     with _stop_on_signals() as flag:
         while step < min(c.steps, stop_at or c.steps) and flag["signal"] is None:
             row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step)
@@ -169,7 +184,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             if step % c.log_every == 0 or step == c.steps:
                 writer.write(step, row)
             if step % c.eval_every == 0 or step == c.steps:
-                writer.write(step, evaluate(cfg, state["params"], tokenizer, c, reward_fn))
+                last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn))
+                writer.write(step, last_eval[1])
             if step % c.checkpoint_every == 0 and step < c.steps:
                 ckpt.save(step, state, {"step": step})
             if bar is not None:
@@ -185,7 +201,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         summary["stopped_by"] = flag["signal"] or "stop_at"
         log.warning(f"{summary['stopped_by']}: saved a checkpoint at step {step}; rerun the same command to resume")
     else:
-        summary["final"] = evaluate(cfg, state["params"], tokenizer, c, reward_fn)
+        done = last_eval is not None and last_eval[0] == step
+        summary["final"] = last_eval[1] if done else evaluate(cfg, state["params"], tokenizer, c, reward_fn)
     return summary
 
 
@@ -213,8 +230,12 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     arrays["old_logp"] = trainer_logp if c.old_logp == "trainer" else sampler_logp
     arrays["ref_logp"] = np.asarray(trainer.logprobs(ref_params, dev))
     arrays["advantages"] = adv.advantages.reshape(-1)
-    arrays["mask"] = arrays["mask"] * adv.weight.reshape(-1, 1)
+    weight = adv.weight.reshape(-1)
+    if c.mask_truncated:  # DAPO overlong filtering: truncated responses carry no gradient
+        weight = weight * (np.asarray(rollout.finish) != FINISH_LENGTH)
+    arrays["mask"] = arrays["mask"] * weight[:, None]
 
+    lr = float(trainer.lr_fn(int(jax.device_get(state["step"]))))  # of this step's first update
     rows = arrays["mask"].shape[0]
     order = np.random.default_rng([c.seed, step]).permutation(rows)
     per = rows // c.updates_per_rollout
@@ -223,14 +244,15 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
         idx = order[u * per : (u + 1) * per]
         state, m = trainer.update(state, trainer.shard_rows({k: v[idx] for k, v in arrays.items()}))
         update_metrics.append(m)
-    ms = jax.device_get(update_metrics)
-    mean = lambda k: float(np.mean([m[k] for m in ms]))
+    ms = [m for m in jax.device_get(update_metrics) if m["tokens"] > 0] or jax.device_get(update_metrics)[:1]
+    w = np.asarray([m["tokens"] for m in ms], np.float64)
+    mean = lambda k: float(np.sum([m[k] * wi for m, wi in zip(ms, w, strict=True)]) / max(w.sum(), 1.0))
     finish = np.asarray(rollout.finish)
     lengths = np.asarray(rollout.lengths)
     row = {
         "reward": float(np.nanmean(rewards)) if np.isfinite(rewards).any() else float("nan"),
         "reward_std": float(np.nanstd(rewards)) if np.isfinite(rewards).any() else float("nan"),
-        "pass_rate": float(np.mean(np.nan_to_num(rewards) >= 1.0)),
+        "pass_rate": float(np.mean(exact(c, texts, refs))),
         "response_length": float(lengths.mean()),
         "response_length_max": float(lengths.max()),
         "truncated_fraction": float(np.mean(finish == FINISH_LENGTH)),
@@ -239,7 +261,7 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
         "invalid_rewards": int(adv.invalid.sum()),
         "logp_gap": float(np.abs(trainer_logp - sampler_logp)[on].mean()) if on.any() else 0.0,
         "logp_gap_max": float(np.abs(trainer_logp - sampler_logp)[on].max()) if on.any() else 0.0,
-        "lr": float(trainer.lr_fn(int(jax.device_get(state["step"])))),
+        "lr": lr,
         "skipped_updates": int(jax.device_get(state["skipped"])),
         "gen_time_s": t_gen - t0,
         "step_time_s": time.perf_counter() - t0,
@@ -247,7 +269,8 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     }
     for k in ("loss", "pg_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "grad_norm", "aux_loss"):
         if k in ms[0]:
-            row[k] = mean(k)
+            row[k] = mean(k)  # token-weighted over this step's updates
+    row["empty_updates"] = c.updates_per_rollout - int(np.sum(w > 0))
     row["ratio_max"] = float(max(m["ratio_max"] for m in ms))
     row["ratio_min"] = float(min(m["ratio_min"] for m in ms))
     row["state"] = state

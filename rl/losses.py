@@ -137,7 +137,7 @@ def cispo(
         lo_m = -jnp.inf if mask_ratio_min is None else mask_ratio_min
         ratio_c = jax.lax.stop_gradient(ratio)
         drop = ((adv > 0) & (ratio_c > hi_m)) | ((adv < 0) & (ratio_c < lo_m))
-        mask = mask * (1.0 - drop.astype(_F32))
+        weight = weight * (1.0 - drop.astype(_F32))  # the token still counts in |o_i| and the metrics
     per_token = -weight * adv * logp
     return _finish(per_token, logp, ratio, clipped, mask, aggregation, denom, ref_logp, kl_coef)
 

@@ -6,8 +6,8 @@ top_p = 1 they equal the trainer's recomputation `sequence_logprobs` at the same
 decode loop is one jitted `lax.while_loop` that exits as soon as every row has finished.
 
 A row finishes on a stop token (kept, it is part of the response), at `max_new_tokens`, or, as in
-MiniMax-M1, when `confident_run` consecutive tokens each had probability > `confident_prob` (a
-degenerate loop; M1: 3000 and 0.99; 0 disables).
+MiniMax-M1, when `confident_run` consecutive tokens each had model probability (after temperature,
+before top-k / top-p) > `confident_prob` (a degenerate loop; M1: 3000 and 0.99; 0 disables).
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ def _sample(cfg: ModelConfig, sp: SamplingParams, params, prompt, prompt_lengths
         logp = jnp.take_along_axis(jax.nn.log_softmax(proc, axis=-1), tok[:, None], axis=-1)[:, 0]
         tok = jnp.where(done, sp.pad_id, tok).astype(jnp.int32)
         logp = jnp.where(done, 0.0, logp)
-        run = jnp.where(jnp.exp(logp) > sp.confident_prob, run + 1, 0)
+        # M1's rule is about the model's probability (temperature only), not the truncated one's.
+        temp = 1.0 if sp.greedy else sp.temperature
+        model_logp = jnp.take_along_axis(jax.nn.log_softmax(last / temp, axis=-1), tok[:, None], axis=-1)[:, 0]
+        run = jnp.where(~done & (jnp.exp(model_logp) > sp.confident_prob), run + 1, 0)
         stopped = jnp.isin(tok, stops)
         confident = (run >= sp.confident_run) if sp.confident_run > 0 else jnp.zeros_like(done)
         at_end = i == n - 1

@@ -86,17 +86,18 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
         grads, ms = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), parts)
         metrics = _combine_metrics(ms, jnp.sum(parts["mask"], axis=(1, 2)))
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+    ok = finite & (denom > 0)  # an all-masked minibatch (every group dropped) must not move AdamW
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = {
-        "step": state["step"] + 1,  # optimizer updates: the schedule's clock
+        "step": state["step"] + ok.astype(jnp.int32),  # applied optimizer updates: the schedule's clock
         "params": keep(new_params, params),
         "opt_state": keep(new_opt, state["opt_state"]),
-        "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
-    return new_state, dict(metrics, grad_norm=grad_norm, finite=ok)
+    return new_state, dict(metrics, grad_norm=grad_norm, finite=finite, applied=ok)
 
 
 def _default_aggregation(fn) -> str:

@@ -149,7 +149,12 @@ def test_group_advantages_formula():
     centred = r - r.mean(1, keepdims=True)
     np.testing.assert_allclose(adv_lib.compute(r, "group_no_std").advantages, centred, rtol=1e-6)
     np.testing.assert_allclose(
-        adv_lib.compute(r, "group_batch_std").advantages, centred / (centred.std() + 1e-6), rtol=1e-5
+        adv_lib.compute(r, "group_batch_std").advantages, centred / (centred.std(ddof=1) + 1e-6), rtol=1e-5
+    )
+    # Solved groups (no spread) do not shrink the batch std.
+    r3 = np.concatenate([r, np.ones((3, 4))])
+    np.testing.assert_allclose(
+        adv_lib.compute(r3, "group_batch_std").advantages[:2], centred / (centred.std(ddof=1) + 1e-6), rtol=1e-5
     )
 
 

@@ -37,15 +37,21 @@ def test_stop_tokens_end_rows_and_are_kept():
 
 
 def test_confident_run_stops_early():
-    # top_k=1 makes every token certain under the sampling distribution: a run of 4 stops the row.
+    # A 1000x LM head makes the model's top token ~certain: a run of 4 stops every row.
+    sharp = {**PARAMS, "lm_head": PARAMS["lm_head"] * 1000.0}
+    sp = SamplingParams(max_new_tokens=12, confident_run=4, confident_prob=0.99)
+    r = sample(CFG, sharp, PROMPTS, sp, jax.random.PRNGKey(0))
+    assert np.all(np.asarray(r.finish) == FINISH_CONFIDENT)
+    probs, lengths = np.exp(np.asarray(r.logprobs)), np.asarray(r.lengths)
+    for p, n in zip(probs, lengths, strict=True):  # the row ends with its first run of 4 confident tokens
+        run = np.convolve(p[:n] > 0.99, np.ones(4), "valid")
+        assert 4 <= n < 12 and run[-1] == 4 and np.all(run[:-1] < 4)
+    # The rule reads the model's probability, not the truncated distribution's: top_k=1 makes every
+    # sampled token certain, yet at temperature 1 this random model's tokens are far from p > 0.99.
     sp = SamplingParams(max_new_tokens=12, top_k=1, confident_run=4, confident_prob=0.99)
     r = sample(CFG, PARAMS, PROMPTS, sp, jax.random.PRNGKey(0))
-    assert np.all(np.asarray(r.finish) == FINISH_CONFIDENT)
-    assert np.all(np.asarray(r.lengths) == 4)
-    assert np.all(np.asarray(r.logprobs)[:, :4] == 0.0)
-    off = sample(CFG, PARAMS, PROMPTS, SamplingParams(max_new_tokens=12, greedy=True), jax.random.PRNGKey(0))
-    assert np.all(np.asarray(off.lengths) == 12)  # greedy log-probs are the model's, below 0.99 here
-    np.testing.assert_array_equal(np.asarray(off.tokens)[:, :4], np.asarray(r.tokens)[:, :4])
+    assert np.all(np.asarray(r.logprobs) == 0.0)
+    assert np.all(np.asarray(r.lengths) == 12) and np.all(np.asarray(r.finish) == FINISH_LENGTH)
 
 
 def test_top_k_and_top_p_restrict_the_support_and_logprobs_are_of_that_distribution():

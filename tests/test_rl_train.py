@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import optax
 import pytest
 
 from rl.config import base_config, validate
@@ -100,3 +101,64 @@ def test_rl_step_runs_sharded_and_matches_one_device(tmp_path):
         np.testing.assert_allclose(y["reward"], x["reward"])
         np.testing.assert_allclose(y["loss"], x["loss"], rtol=1e-4, atol=1e-6)
     assert one["end_step"] == eight["end_step"] == 2
+
+
+def test_init_from_a_pretraining_workdir_on_a_sharded_mesh(tmp_path):
+    """Pretrain a few steps, then RL from that checkpoint on 8 host devices: params start equal."""
+    from test_train import quick_config
+
+    from m1jax.train.loop import train as pretrain
+
+    pre = pretrain(quick_config(steps=2, checkpoint_every=2), str(tmp_path / "pre"), progress=False)
+    c = base_config()
+    c.update(init_from=str(tmp_path / "pre"), steps=1, prompts_per_step=4, samples_per_prompt=4)
+    c.update(updates_per_rollout=2, max_new_tokens=8, eval_prompts=4, learning_rate=1e-6)
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    out = train(c, str(tmp_path / "rl"), progress=False)
+    assert out["end_step"] == 1 and out["initial"] is not None
+    r = rows(tmp_path / "rl", "loss")[0]
+    assert r["kl"] < 1e-3 and r["logp_gap"] < 1e-4  # the first update starts from the pretrained policy
+    assert pre["end_step"] == 2
+    c.init_from = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="init_from"):
+        train(c, str(tmp_path / "rl2"), progress=False)
+
+
+def test_update_is_invariant_to_micro_batching():
+    """One update on the same minibatch with 1, 2 or 4 micro-batches (some rows fully masked)."""
+    import jax
+
+    from m1jax import config as presets
+    from m1jax.sharding import mesh_from_config
+    from rl.step import RLTrainer
+
+    cfg = presets.tiny(vocab_size=32)
+    rng = np.random.default_rng(0)
+    b, t, n = 8, 5, 6
+    mask = (np.arange(n)[None] < rng.integers(1, n + 1, (b, 1))).astype(np.float32)
+    mask[[1, 6]] = 0.0  # e.g. dropped zero-variance groups
+    mb = {
+        "prompt": rng.integers(1, 32, (b, t)).astype(np.int32),
+        "prompt_lengths": np.full((b,), t, np.int32),
+        "tokens": rng.integers(1, 32, (b, n)).astype(np.int32),
+        "mask": mask,
+        "old_logp": np.log(rng.uniform(0.01, 0.2, (b, n))).astype(np.float32),
+        "ref_logp": np.log(rng.uniform(0.01, 0.2, (b, n))).astype(np.float32),
+        "advantages": rng.normal(size=b).astype(np.float32),
+    }
+    mesh = mesh_from_config({"data": 1}, jax.devices()[:1])
+    out = {}
+    for loss, agg in (("cispo", "token_mean"), ("grpo", "seq_mean")):
+        for micro in (1, 2, 4):
+            tx = optax.sgd(0.1)  # linear in the gradient (Adam's first step is ~sign(g): noise-sensitive)
+            tr = RLTrainer(cfg, tx, mesh, loss=loss, loss_kw={"aggregation": agg}, temperature=1.0, kl_coef=0.1,
+                           aux=True, micro_batches=micro)  # fmt: skip
+            state, m = tr.update(tr.init(jax.random.PRNGKey(0)), tr.shard_rows(mb))
+            out[loss, micro] = (jax.device_get(m), jax.device_get(state["params"]))
+        (m1, p1) = out[loss, 1]
+        for micro in (2, 4):
+            m2, p2 = out[loss, micro]
+            for k in ("loss", "kl", "grad_norm", "entropy", "tokens"):
+                np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, err_msg=f"{loss} micro={micro} {k}")
+            for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+                np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
