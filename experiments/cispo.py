@@ -36,12 +36,15 @@ def main(argv) -> None:
         print(f"stopped by {summary['stopped_by']} at step {summary['end_step']}; checkpoint saved in {_WORKDIR.value}")
         return
     before, after = summary.get("initial"), summary["final"]
+
+    def line(m):
+        sampled = m.get("eval_sampled_accuracy")
+        extra = "" if sampled is None else f", sampled accuracy {sampled:.1%}"
+        return f"greedy accuracy {m['eval_accuracy']:.1%}, mean reward {m['eval_reward']:.3f}{extra}"
+
     if before:
-        print(f"held-out before: accuracy {before['eval_accuracy']:.1%}, mean reward {before['eval_reward']:.3f}")
-    print(
-        f"held-out after {summary['end_step']} steps: accuracy {after['eval_accuracy']:.1%}, "
-        f"mean reward {after['eval_reward']:.3f}; workdir {_WORKDIR.value}"
-    )
+        print(f"held-out before: {line(before)}")
+    print(f"held-out after {summary['end_step']} steps: {line(after)}; workdir {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def exact(c, texts, refs) -> np.ndarray:
 
 
 def evaluate(cfg, params, tokenizer, c, reward_fn) -> dict:
-    """Greedy responses to the fixed held-out prompts: mean reward and exact-answer accuracy."""
+    """Held-out prompts: greedy mean reward and exact-answer accuracy, and the accuracy of
+    `eval_samples` sampled responses per prompt at the training temperature (avg@k)."""
     split = "test" if c.data.source == "tasks" else "eval"
     pairs = prompt_lib.batch(
         c.data.source, c.data.seed, -1, c.eval_prompts, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split
@@ -98,8 +99,17 @@ def evaluate(cfg, params, tokenizer, c, reward_fn) -> dict:
     r = sample(cfg, params, [tokenizer.encode(p, bos=True) for p, _ in pairs], sp, jax.random.PRNGKey(0))
     texts = _texts(tokenizer, r, tokenizer.eos_id)
     refs = [ref for _, ref in pairs]
-    right = exact(c, texts, refs)
-    return {"eval_reward": float(np.mean(reward_fn(texts, refs))), "eval_accuracy": float(np.mean(right))}
+    out = {
+        "eval_reward": float(np.mean(reward_fn(texts, refs))),
+        "eval_accuracy": float(np.mean(exact(c, texts, refs))),
+    }
+    if c.eval_samples > 0:  # the sampling policy RL optimises: accuracy averaged over k samples per prompt
+        sp = dataclasses.replace(sp, greedy=False, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
+        prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(c.eval_samples)]
+        r = sample(cfg, params, prompts, sp, jax.random.PRNGKey(1))
+        k_refs = [ref for ref in refs for _ in range(c.eval_samples)]
+        out["eval_sampled_accuracy"] = float(np.mean(exact(c, _texts(tokenizer, r, tokenizer.eos_id), k_refs)))
+    return out
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
