@@ -151,8 +151,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         kl_coef=c.kl_coef,
         aux=c.aux_loss,
         micro_batches=c.micro_batches,
+        lr_fn=lr_fn,
     )
-    trainer.lr_fn = lr_fn
 
     fresh = trainer.init(jax.random.PRNGKey(c.seed))
     if init_params is not None:
@@ -254,7 +254,8 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
         idx = order[u * per : (u + 1) * per]
         state, m = trainer.update(state, trainer.shard_rows({k: v[idx] for k, v in arrays.items()}))
         update_metrics.append(m)
-    ms = [m for m in jax.device_get(update_metrics) if m["tokens"] > 0] or jax.device_get(update_metrics)[:1]
+    fetched = jax.device_get(update_metrics)
+    ms = [m for m in fetched if m["tokens"] > 0] or fetched[:1]
     w = np.asarray([m["tokens"] for m in ms], np.float64)
     mean = lambda k: float(np.sum([m[k] * wi for m, wi in zip(ms, w, strict=True)]) / max(w.sum(), 1.0))
     finish = np.asarray(rollout.finish)

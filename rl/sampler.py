@@ -147,7 +147,3 @@ def entropy(logits, mask):
     logp = jax.nn.log_softmax(logits, axis=-1)
     h = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return jnp.sum(h * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def to_numpy(r: Rollout) -> Rollout:
-    return Rollout(*(np.asarray(x) for x in r))

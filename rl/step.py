@@ -132,9 +132,11 @@ class RLTrainer:
         kl_coef: float,
         aux: bool,
         micro_batches: int = 1,
+        lr_fn=None,
         rules=shd.DEFAULT_RULES,
     ):
         self.cfg, self.tx, self.mesh, self.rules = cfg, tx, mesh, rules
+        self.lr_fn = lr_fn  # for logging: the learning rate at a given update count
         boxed = jax.eval_shape(functools.partial(_boxed_state, cfg, tx), jax.random.PRNGKey(0))
         self.state_sharding = shd.tree_shardings(boxed, mesh, rules)
         self.abstract_state = jax.tree.map(
