@@ -19,7 +19,7 @@ SOFTMAX = 1  # attn_type_list value of a softmax (full) attention layer
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "dense", "tiled", "ragged")
-LIGHTNING_IMPLS = ("reference",)
+LIGHTNING_IMPLS = ("auto", "reference", "pallas_tpu", "pallas_gpu")  # see m1jax.kernels.lightning_attention
 M1_ALPHA = (2 * 80) ** 0.25  # DeepNorm alpha = (2N)^(1/4), N = 80 layers
 
 
@@ -63,7 +63,7 @@ class ModelConfig:
     lm_head_fp32: bool = True  # LM head matmul in fp32 (M1's RL recipe)
     remat: str = "full"  # per-layer rematerialisation policy, one of REMAT_POLICIES
     moe_impl: str = "auto"  # auto: tiled on CPU, ragged_dot on accelerators
-    lightning_impl: str = "reference"
+    lightning_impl: str = "auto"  # auto: the Pallas kernel on TPU/GPU, the jnp reference on CPU
 
     def __post_init__(self):
         if isinstance(self.attn_type_list, list):

@@ -2,29 +2,77 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
 from m1jax.kernels import lightning as _lightning
 
-LIGHTNING_IMPLS = ("reference", "recurrent")
+LIGHTNING_IMPLS = ("auto", "reference", "recurrent", "pallas_tpu", "pallas_gpu")
+# Below this length a kernel launch does not pay off over the jnp blocked form.
+MIN_KERNEL_LENGTH = 128
 
 
-def lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None, impl="reference", block_size=256):
+def resolve_lightning_impl(impl: str, t: int | None = None, platform: str | None = None) -> str:
+    """ "auto" -> the Pallas kernel of the platform (TPU, GPU), else the jnp reference.
+
+    Short sequences (t < MIN_KERNEL_LENGTH) and CPU use the reference; decode never comes here (the
+    model steps the recurrence directly).
+    """
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    if t is not None and t < MIN_KERNEL_LENGTH:
+        return "reference"
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "reference")
+
+
+def _kernel_call(forward, q, k, v, slopes, initial_state, segment_ids, **kw):
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    hm = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] <-> [B, H, T, D]
+    h0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state
+    runs = None if segment_ids is None else _lightning.run_ids(segment_ids)
+    core = partial(forward, **kw)
+    out, final = _lightning.lightning_vjp(core, hm(q), hm(k), hm(v), slopes, h0, runs)
+    return hm(out), final
+
+
+def lightning_attention(
+    q, k, v, slopes, *, initial_state=None, segment_ids=None, impl="reference", block_size=None, interpret=False
+):
     """Causal lightning attention.
 
     Args:
-      q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; slopes: [H] (decay exp(-slope) per token).
+      q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; slopes: [H] (decay exp(-slope) per token; constants,
+        they get no gradient from the kernels).
       initial_state: optional fp32 [B, H, Dk, Dv] state entering the first token.
       segment_ids: optional [B, T] ids; attention and state stay inside each contiguous run.
-      impl: "reference" (chunked jnp, `lax.scan` over blocks) or "recurrent" (token by token).
+      impl: "reference" (chunked jnp, `lax.scan` over blocks), "recurrent" (token by token),
+        "pallas_tpu" (Mosaic TPU kernel), "pallas_gpu" (GPU kernels, chunk-parallel) or "auto".
+      block_size: chunk length; None picks the implementation's default.
+      interpret: run a Pallas kernel in interpret mode (any backend, for tests).
     Returns:
       (out [B, T, H, Dv] in q's dtype, final_state fp32 [B, H, Dk, Dv]).
     """
+    impl = resolve_lightning_impl(impl, q.shape[1])
+    kw = dict(initial_state=initial_state, segment_ids=segment_ids)
     if impl == "reference":
-        return _lightning.lightning_chunked(
-            q, k, v, slopes, initial_state=initial_state, segment_ids=segment_ids, block_size=block_size
-        )
+        return _lightning.lightning_chunked(q, k, v, slopes, block_size=block_size or 256, **kw)
     if impl == "recurrent":
-        return _lightning.lightning_recurrence(q, k, v, slopes, initial_state=initial_state, segment_ids=segment_ids)
+        return _lightning.lightning_recurrence(q, k, v, slopes, **kw)
+    if impl == "pallas_tpu":
+        from m1jax.kernels.lightning import pallas_tpu
+
+        kw.update(block_size=block_size or 256, interpret=interpret)
+        return _kernel_call(pallas_tpu.forward, q, k, v, slopes, **kw)
+    if impl == "pallas_gpu":
+        from m1jax.kernels.lightning import pallas_gpu
+
+        kw.update(block_size=block_size or 64, interpret=interpret)
+        return _kernel_call(pallas_gpu.forward, q, k, v, slopes, **kw)
     raise ValueError(f"lightning_attention: unknown impl {impl!r}; expected one of {list(LIGHTNING_IMPLS)}")
 
 
-__all__ = ["LIGHTNING_IMPLS", "lightning_attention"]
+__all__ = ["LIGHTNING_IMPLS", "lightning_attention", "resolve_lightning_impl"]

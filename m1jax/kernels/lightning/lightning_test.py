@@ -104,3 +104,29 @@ def test_unknown_impl_is_an_error():
     q, k, v, _ = inputs(4)
     with pytest.raises(ValueError, match="impl"):
         lightning_attention(q, k, v, SLOPES, impl="nope")
+
+
+@pytest.mark.parametrize("t", [33, 40])  # with and without a remainder after the last full span
+def test_outer_spans_equal_recurrence(t):
+    """Long sequences run as a scan over spans; documents may start exactly at a span border."""
+    from m1jax.kernels.lightning import lightning_chunked
+
+    q, k, v, h0 = inputs(t, seed=13)
+    seg = jnp.asarray(np.repeat([[0, 1, 2, 3, 4]], 2, 0).repeat([8, 8, 5, 11, t - 32], axis=1))
+    w = jax.random.normal(jax.random.PRNGKey(3), (2, t, 4, 12))
+
+    def f(impl_fn):
+        def loss(q, k, v, h0):
+            o, s = impl_fn(q, k, v, h0)
+            return jnp.sum(o * w) + jnp.sum(s), (o, s)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, h0)
+
+    spans = lambda q, k, v, h0: lightning_chunked(
+        q, k, v, SLOPES, initial_state=h0, segment_ids=seg, block_size=4, span=8
+    )  # noqa: E731
+    rec = lambda q, k, v, h0: lightning_attention(q, k, v, SLOPES, initial_state=h0, segment_ids=seg, impl="recurrent")  # noqa: E731
+    (g, (o, s)), (g_ref, (o_ref, s_ref)) = f(spans), f(rec)
+    assert rel_rms(o, o_ref) <= 1e-5 and rel_rms(s, s_ref) <= 1e-5
+    for a, b in zip(g, g_ref, strict=True):
+        assert rel_rms(a, b) <= 1e-5

@@ -64,13 +64,49 @@ def lightning_recurrence(q, k, v, slopes, *, initial_state=None, segment_ids=Non
     return out.swapaxes(0, 1), state
 
 
-def lightning_chunked(q, k, v, slopes, *, initial_state=None, segment_ids=None, block_size=256):
+SPAN = 2048  # tokens per outer step of `lightning_chunked` on long sequences
+
+
+def lightning_chunked(q, k, v, slopes, *, initial_state=None, segment_ids=None, block_size=256, span=SPAN):
     """Blocked form of the recurrence (SPEC 1.2), exact up to float rounding.
 
-    The intra-block terms and each block's own state contribution are batched matmuls; only the
-    [B, H, Dk, Dv] state is carried by a `lax.scan` over blocks. Ragged lengths are padded on the
-    right and masked by each block's count of valid tokens, so the final state is not decayed.
+    Sequences longer than 2 * `span` run as an outer `lax.scan` over spans of `span` tokens that
+    carries the state (so each step's [nb, C, C] and per-block-state intermediates stay
+    cache-sized and time grows linearly), plus one call for the remainder.
     """
+    b, t = q.shape[:2]
+    if t <= 2 * span:
+        return _chunked(q, k, v, slopes, initial_state, segment_ids, block_size)
+    n, rest = divmod(t, span)
+    h, dk, dv = q.shape[2], q.shape[3], v.shape[-1]
+    runs = jnp.zeros((b, t), jnp.int32) if segment_ids is None else run_ids(segment_ids)
+    s0 = jnp.zeros((b, h, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32)
+    # The carried state dies where a span starts a new document.
+    prev = jnp.concatenate([runs[:, :1], runs[:, :-1]], axis=1)
+    new_doc = (runs != prev)[:, : n * span : span].T  # [n, B]
+
+    def spans(x):  # [B, T, ...] -> [n, B, span, ...]
+        return jnp.moveaxis(x[:, : n * span].reshape(b, n, span, *x.shape[2:]), 1, 0)
+
+    def step(state, xs):
+        qs, ks, vs, rs, cut = xs
+        state = jnp.where(cut[:, None, None, None], 0.0, state)
+        out, state = _chunked(qs, ks, vs, slopes, state, rs if segment_ids is not None else None, block_size)
+        return state, out
+
+    state, out = lax.scan(step, s0, (spans(q), spans(k), spans(v), spans(runs), new_doc))
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n * span, h, dv)
+    if rest:
+        tail = slice(n * span, t)
+        state = jnp.where((runs[:, n * span] != runs[:, n * span - 1])[:, None, None, None], 0.0, state)
+        seg = runs[:, tail] if segment_ids is not None else None
+        out_tail, state = _chunked(q[:, tail], k[:, tail], v[:, tail], slopes, state, seg, block_size)
+        out = jnp.concatenate([out, out_tail], axis=1)
+    return out, state
+
+
+def _chunked(q, k, v, slopes, initial_state, segment_ids, block_size):
+    """One call of the blocked form: vectorised over blocks, `lax.scan` only over the state."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     c = min(block_size, t)
@@ -114,10 +150,17 @@ def lightning_chunked(q, k, v, slopes, *, initial_state=None, segment_ids=None, 
         keep = run_last == run_prev  # no boundary inside the block: the old state survives
         block_decay = jnp.where(keep[..., None], jnp.exp(-s[None, None, :] * valid[None, :, None]), 0.0)
 
-    scores = _mm("bnihd,bnjhd->bnhij", qb, kb) * intra_decay
-    intra = _mm("bnhij,bnjhv->bnihv", scores.astype(vb.dtype), vb)
-    kw = (kb.astype(_F32) * jnp.swapaxes(key_decay, -1, -2)[..., None]).astype(kb.dtype)
-    block_kv = _mm("bnjhk,bnjhv->bnhkv", kw, vb)  # [B, nb, H, Dk, Dv]
+    # Head-major [B, H, nb, C, D] from here on: every einsum is then a batched GEMM over leading dims
+    # (2-3x faster on CPU than batching over the interleaved H axis at long T).
+    hm = lambda x: jnp.moveaxis(x, 3, 1)  # noqa: E731  [B, nb, C, H, D] -> [B, H, nb, C, D]
+    qb, kb, vb = hm(qb), hm(kb), hm(vb)
+    intra_decay = jnp.swapaxes(intra_decay, 1, 2)  # [., H, ., C, C]
+    key_decay = jnp.swapaxes(key_decay, 1, 2)  # [., H, nb, C]
+    q_decay = jnp.moveaxis(q_decay, 3, 1)  # [., H, ., C]
+    scores = _mm("bhnid,bhnjd->bhnij", qb, kb) * intra_decay
+    intra = _mm("bhnij,bhnjv->bhniv", scores.astype(vb.dtype), vb)
+    kw = (kb.astype(_F32) * key_decay[..., None]).astype(kb.dtype)
+    block_kv = _mm("bhnjk,bhnjv->bhnkv", kw, vb)  # [B, H, nb, Dk, Dv]
 
     s0 = jnp.zeros((b, h, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32)
 
@@ -125,8 +168,8 @@ def lightning_chunked(q, k, v, slopes, *, initial_state=None, segment_ids=None, 
         kv, g = xs
         return g[..., None, None] * state + kv, state  # emit the state entering this block
 
-    final, s_in = lax.scan(step, s0, (block_kv.swapaxes(0, 1), block_decay.swapaxes(0, 1)))
-    s_in = s_in.swapaxes(0, 1)  # [B, nb, H, Dk, Dv]
-    inter = _mm("bnihk,bnhkv->bnihv", qb.astype(_F32), s_in) * q_decay[..., None]
-    out = (intra + inter).reshape(b, nb * c, h, dv)[:, :t]
+    final, s_in = lax.scan(step, s0, (jnp.moveaxis(block_kv, 2, 0), jnp.moveaxis(block_decay, 1, 0)))
+    s_in = jnp.moveaxis(s_in, 0, 2)  # [B, H, nb, Dk, Dv]
+    inter = _mm("bhnik,bhnkv->bhniv", qb.astype(_F32), s_in) * q_decay[..., None]
+    out = jnp.moveaxis(intra + inter, 1, 3).reshape(b, nb * c, h, dv)[:, :t]
     return out.astype(q.dtype), final

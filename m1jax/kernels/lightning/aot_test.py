@@ -1,0 +1,87 @@
+"""Ahead-of-time checks without hardware.
+
+TPU: the Mosaic kernel, forward and backward, lowers and compiles for a TPU v5p topology on this
+CPU machine (libtpu + `jax.experimental.topologies`); the compiled program must contain the
+kernels. GPU: the Triton kernels lower (to Triton IR, via `jax.export` for CUDA); compiling them
+needs a GPU, so this is a lowering check only.
+"""
+
+import contextlib
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from m1jax.kernels import lightning_attention
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # pytest -n 2: each worker loads libtpu
+
+B, T, H, D = 1, 2000, 8, 128  # T not a multiple of the block: the ragged tail is compiled too
+SLOPES = jnp.linspace(0.9, 1e-4, H)
+
+
+def _loss(impl, segmented, q, k, v, h0, ids):
+    o, s = lightning_attention(q, k, v, SLOPES, initial_state=h0, segment_ids=ids if segmented else None, impl=impl)
+    return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s)
+
+
+def _args(dtype, sharding=None):
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+    qkv = [sds((B, T, H, D), dtype)] * 3
+    return qkv + [sds((B, H, D, D), jnp.float32), sds((B, T), jnp.int32)]
+
+
+@pytest.fixture(scope="module")
+def v5p():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install 'jax[tpu]'); .ci/run installs it")
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu")
+    mesh = jax.sharding.Mesh([[topo.devices[0]]], ("x", "y"))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_kernel_compiles_for_v5p_forward_and_backward(v5p, segmented, dtype):
+    grad = jax.value_and_grad(lambda *a: _loss("pallas_tpu", segmented, *a), argnums=(0, 1, 2, 3))
+    compiled = jax.jit(grad).lower(*_args(dtype, v5p)).compile()
+    text = compiled.as_text()
+    # One forward kernel and three backward calls, all Mosaic.
+    assert text.count('custom_call_target="tpu_custom_call"') == 4
+    assert "lightning_fwd_tpu" in text
+    mem = compiled.memory_analysis()
+    assert mem is not None and mem.temp_size_in_bytes < 64 * 2**20  # linear in T: no [T, T] buffers
+
+
+def test_tpu_forward_only_is_one_kernel(v5p):
+    f = jax.jit(lambda q, k, v: lightning_attention(q, k, v, SLOPES, impl="pallas_tpu", block_size=128))
+    text = f.lower(*_args(jnp.bfloat16, v5p)[:3]).compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 1
+
+
+def _abstract_h100():
+    """Newer jax asks which GPU to lower for when none is attached: an abstract H100."""
+    try:
+        from jax._src.mesh import AbstractDevice
+
+        device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+        return jax.sharding.use_abstract_mesh(mesh)
+    except (ImportError, TypeError, AttributeError):  # jax 0.10 lowers without one
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_gpu_kernels_lower_for_cuda(segmented):
+    pytest.importorskip("jax.experimental.pallas.triton")
+    grad = jax.value_and_grad(lambda *a: _loss("pallas_gpu", segmented, *a), argnums=(0, 1, 2, 3))
+    disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with _abstract_h100():
+        exported = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=disabled)(*_args(jnp.bfloat16))
+    text = exported.mlir_module()
+    assert "__gpu$xla.gpu.triton" in text
+    assert "lightning_span_states" in text and "lightning_span_outputs" in text

@@ -1,0 +1,172 @@
+"""Lightning attention forward for GPUs: chunk-parallel, so B x H = 8 still fills the device.
+
+M1 under tensor parallelism runs 8 heads per device at batch 1, far fewer (b, h) pairs than SMs. So
+the sequence is cut into R spans of L tokens (L a multiple of the block C), chosen so that
+B * H * R * (Dv / bv) programs cover the device, and the work runs in three phases:
+
+1. `_span_state_kernel`, grid (B, H, R, Dv/bv): each span's own end state from a zero start
+   (blocks of C tokens in a loop, state [Dk, bv] in registers). Reads k, v once.
+2. A tiny jnp contraction across spans (R x R per head): the state entering span r is
+   sum_{j<r} lambda^(end_{r-1} - end_j) dS_j + lambda^(end_{r-1}+1) h0 (SPEC 4, LASP-2), with the
+   terms that cross a document boundary masked to zero; row R is the final state.
+3. `_span_output_kernel`, same grid: each span replays its blocks from its incoming state and writes
+   the outputs. Reads q, k, v once.
+
+Written in backend-neutral Pallas (refs, `pl.ds`, `dot_general`), lowered by the Triton backend; the
+per-block math is `block.py`, shared with the TPU kernel. The backward is three calls (`vjp.py`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from m1jax.kernels.lightning import block
+
+_F32 = jnp.float32
+MAX_BLOCK = 64  # chunk length cap: [C, C] scores and the [Dk, bv] state live in registers
+TARGET_PROGRAMS = 512  # ~4 waves of programs on a 132-SM H100
+
+
+def _compiler_params():
+    try:
+        from jax.experimental.pallas import triton as pltr
+
+        return pltr.CompilerParams(num_warps=4, num_stages=2)
+    except (ImportError, AttributeError):  # pragma: no cover - jax without the Triton backend
+        return None
+
+
+def _loop_blocks(n_blocks, c, span, t_total, fn, init):
+    """fori_loop over the span's blocks; fn(start, m, carry) with m = valid tokens (0 past the end)."""
+
+    def body(i, carry):
+        start = i * c
+        m = jnp.clip(t_total - (span + start), 0, c).astype(jnp.int32)
+        return fn(start, m, carry)
+
+    return lax.fori_loop(0, n_blocks, body, init)
+
+
+def _block_masks(ids_ref, prev_ref, start, c):
+    ids = ids_ref[pl.ds(start, c)]
+    prev = prev_ref[pl.ds(start, c)]
+    return block.masks(ids[:, None], ids[None, :], prev[:, None])
+
+
+def _span_state_kernel(t_total, c, n_blocks, segmented, slopes_ref, k_ref, v_ref, *refs):
+    ids_ref, prev_ref, ds_ref = refs if segmented else (None, None, refs[0])
+    slope = slopes_ref[pl.program_id(1)]
+    span = pl.program_id(2) * (n_blocks * c)
+
+    def step(start, m, state):
+        mk = _block_masks(ids_ref, prev_ref, start, c) if segmented else None
+        k = k_ref[pl.ds(start, c), :]
+        v = v_ref[pl.ds(start, c), :]
+        return block.block_state(k, v, state, slope, m, mk)
+
+    ds_ref[...] = _loop_blocks(n_blocks, c, span, t_total, step, jnp.zeros(ds_ref.shape, _F32))
+
+
+def _span_output_kernel(t_total, c, n_blocks, segmented, slopes_ref, q_ref, k_ref, v_ref, s_ref, *refs):
+    ids_ref, prev_ref, o_ref = refs if segmented else (None, None, refs[0])
+    slope = slopes_ref[pl.program_id(1)]
+    span = pl.program_id(2) * (n_blocks * c)
+
+    def step(start, m, state):
+        mk = _block_masks(ids_ref, prev_ref, start, c) if segmented else None
+        q = q_ref[pl.ds(start, c), :]
+        k = k_ref[pl.ds(start, c), :]
+        v = v_ref[pl.ds(start, c), :]
+        o_ref[pl.ds(start, c), :] = block.block_output(q, k, v, state, slope, mk).astype(o_ref.dtype)
+        return block.block_state(k, v, state, slope, m, mk)
+
+    _loop_blocks(n_blocks, c, span, t_total, step, s_ref[...])
+
+
+def plan(b: int, h: int, t: int, dv: int, block_size: int, spans: int | None = None) -> tuple[int, int, int, int]:
+    """(C, blocks per span, spans R, bv): enough programs to fill the device, no more."""
+    c = min(block_size, MAX_BLOCK, max(16, pl.next_power_of_2(t)))
+    nb = -(-t // c)
+    bv = 64 if dv % 64 == 0 else dv
+    if spans is None:
+        spans = -(-TARGET_PROGRAMS // (b * h * (dv // bv)))
+    r = min(nb, max(1, spans))
+    per_span = -(-nb // r)
+    r = -(-nb // per_span)
+    return c, per_span, r, bv
+
+
+def _cross_span(ds, slopes, h0, runs, t, span_len):
+    """States entering each span and the final state: [B, H, R + 1, Dk, Dv] fp32 (SPEC 4)."""
+    b, h, r = ds.shape[:3]
+    ends = jnp.minimum(span_len * (jnp.arange(r) + 1), t) - 1  # last valid token of span j
+    before = jnp.concatenate([jnp.array([-1]), ends])  # token before span r (row R: the last token)
+    s = slopes.astype(_F32)[None, :, None, None]
+    dist = (before[:, None] - ends[None, :]).astype(_F32)  # [R+1, R]
+    ok = jnp.arange(r)[None, :] < jnp.arange(r + 1)[:, None]  # j < r
+    ok0 = jnp.arange(r + 1) > 0
+    if runs is not None:
+        run_end = runs[:, ends]  # [B, R]
+        run_before = runs[:, jnp.maximum(before, 0)]  # [B, R+1]
+        ok = ok[None] & (run_end[:, None, :] == run_before[:, :, None])  # [B, R+1, R]
+        ok0 = ok0[None] & (run_before == runs[:, :1])  # [B, R+1]
+        ok, ok0 = ok[:, None], ok0[:, None]  # broadcast over heads
+    coef = jnp.exp(jnp.where(ok, -s * dist, -jnp.inf))  # [B|1, H, R+1, R]
+    coef0 = jnp.exp(jnp.where(ok0, -s[..., 0] * (before + 1).astype(_F32), -jnp.inf))  # [B|1, H, R+1]
+    coef0 = jnp.where(jnp.arange(r + 1) == 0, 1.0, coef0)
+    coef = jnp.broadcast_to(coef, (b, h, r + 1, r))
+    states = jnp.einsum("bhrj,bhjkv->bhrkv", coef, ds, precision=lax.Precision.HIGHEST)
+    return states + coef0[..., None, None] * h0[:, :, None]
+
+
+@partial(jax.jit, static_argnames=("block_size", "spans", "interpret"))
+def forward(q, k, v, slopes, h0, runs, *, block_size: int = 64, spans: int | None = None, interpret: bool = False):
+    """Head-major forward: q, k [B, H, T, Dk], v [B, H, T, Dv], slopes [H], h0 fp32 [B, H, Dk, Dv],
+    runs int32 [B, T] (non-decreasing run ids) or None. Returns (o [B, H, T, Dv], final fp32 state).
+
+    spans: number of sequence spans R (None: enough to fill the device, see `plan`)."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    c, per_span, r, bv = plan(b, h, t, dv, block_size, spans)
+    span_len = per_span * c
+    pad = r * span_len - t
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q, k, v))
+    grid = (b, h, r, dv // bv)
+    span = lambda d: pl.BlockSpec((None, None, span_len, d), lambda bi, hi, ri, vi: (bi, hi, ri, 0))  # noqa: E731
+    span_v = pl.BlockSpec((None, None, span_len, bv), lambda bi, hi, ri, vi: (bi, hi, ri, vi))
+    state = pl.BlockSpec((None, None, None, dk, bv), lambda bi, hi, ri, vi: (bi, hi, ri, 0, vi))
+    whole = pl.BlockSpec(slopes.shape, lambda *_: (0,))
+    segmented = runs is not None
+    extra_specs, extra = [], []
+    if segmented:
+        runs = runs.astype(jnp.int32)
+        padded = jnp.pad(runs, ((0, 0), (0, pad)), mode="edge")
+        prev = jnp.concatenate([padded[:, :1], padded[:, :-1]], axis=1)
+        ids_spec = pl.BlockSpec((None, span_len), lambda bi, hi, ri, vi: (bi, ri))
+        extra_specs, extra = [ids_spec, ids_spec], [padded, prev]
+    slopes = slopes.astype(_F32)
+    common = dict(grid=grid, compiler_params=_compiler_params(), interpret=interpret)
+    ds = pl.pallas_call(
+        partial(_span_state_kernel, t, c, per_span, segmented),
+        in_specs=[whole, span(dk), span_v] + extra_specs,
+        out_specs=state,
+        out_shape=jax.ShapeDtypeStruct((b, h, r, dk, dv), _F32),
+        name="lightning_span_states",
+        **common,
+    )(slopes, k, v, *extra)
+    states = _cross_span(ds, slopes, h0.astype(_F32), runs, t, span_len)
+    o = pl.pallas_call(
+        partial(_span_output_kernel, t, c, per_span, segmented),
+        in_specs=[whole, span(dk), span(dk), span_v, state] + extra_specs,
+        out_specs=span_v,
+        out_shape=jax.ShapeDtypeStruct((b, h, r * span_len, dv), q.dtype),
+        name="lightning_span_outputs",
+        **common,
+    )(slopes, q, k, v, states[:, :, :r], *extra)
+    return o[:, :, :t], states[:, :, r]

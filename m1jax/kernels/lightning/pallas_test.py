@@ -1,0 +1,142 @@
+"""Both Pallas kernels in interpret mode against the token recurrence: values and gradients.
+
+Tolerances (relative RMS against the fp32 recurrence on the same inputs): fp32 <= 1e-5, bf16 <= 1e-2.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m1jax.kernels import lightning_attention, resolve_lightning_impl
+from m1jax.kernels.lightning import pallas_gpu
+
+C = 16
+SLOPES = jnp.array([0.92, 0.083, 1e-3, 5e-5])  # decays 0.40, 0.92, 0.999, 0.99995
+IMPLS = ("pallas_tpu", "pallas_gpu")
+
+
+def rel_rms(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+
+
+def inputs(t, seed=0, b=2, dk=8, dv=16, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q, k = (jax.random.normal(x, (b, t, 4, dk)).astype(dtype) for x in ks[:2])
+    v = jax.random.normal(ks[2], (b, t, 4, dv)).astype(dtype)
+    h0 = jax.random.normal(ks[3], (b, 4, dk, dv))
+    seg = jnp.cumsum(jax.random.bernoulli(ks[4], 0.08, (b, t)), axis=1) + 5  # ids need not start at 0
+    return q, k, v, h0, seg
+
+
+def run(impl, q, k, v, h0=None, seg=None, **kw):
+    return lightning_attention(
+        q, k, v, SLOPES, initial_state=h0, segment_ids=seg, impl=impl, block_size=C, interpret=True, **kw
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("t", [1, C - 1, C, C + 1, 3 * C + 5, 6 * C])
+@pytest.mark.parametrize("extras", ["none", "h0+segments"])
+def test_forward_fp32_matches_recurrence(impl, t, extras):
+    q, k, v, h0, seg = inputs(t, seed=t)
+    kw = dict(h0=h0, seg=seg) if extras != "none" else {}
+    out, state = run(impl, q, k, v, **kw)
+    ref_out, ref_state = run("recurrent", q, k, v, **kw)
+    assert out.shape == ref_out.shape and out.dtype == q.dtype
+    assert state.shape == (2, 4, 8, 16) and state.dtype == jnp.float32
+    assert rel_rms(out, ref_out) <= 1e-5
+    assert rel_rms(state, ref_state) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_bf16_within_1e2(impl):
+    t = 4 * C + 3
+    q, k, v, h0, seg = inputs(t, seed=1, dtype=jnp.bfloat16)
+    out, state = run(impl, q, k, v, h0=h0, seg=seg)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref_out, ref_state = run("recurrent", *f32, h0=h0, seg=seg)
+    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert rel_rms(out, ref_out) <= 1e-2
+    assert rel_rms(state, ref_state) <= 1e-2
+
+
+@pytest.mark.parametrize("spans", [1, 2, 3])
+def test_gpu_spans_do_not_change_the_result(spans):
+    """Several blocks per span, several spans, a document crossing span borders, ragged end."""
+    t = 7 * C + 3
+    q, k, v, h0, seg = inputs(t, seed=2)
+    seg = seg.at[:, : 3 * C + 2].set(0)  # first document spans 3+ blocks
+    hm = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    from m1jax.kernels.lightning import run_ids
+
+    out, state = pallas_gpu.forward(
+        hm(q), hm(k), hm(v), SLOPES, h0, run_ids(seg), block_size=C, spans=spans, interpret=True
+    )
+    ref_out, ref_state = run("recurrent", q, k, v, h0=h0, seg=seg)
+    assert rel_rms(hm(out), ref_out) <= 1e-5 and rel_rms(state, ref_state) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("t,extras", [(C + 1, "h0"), (3 * C + 5, "h0+segments"), (4 * C, "none")])
+def test_gradients_match_autodiff_of_recurrence(impl, t, extras):
+    q, k, v, h0, seg = inputs(t, seed=7 + t)
+    seg = seg if "segments" in extras else None
+    w_o = jax.random.normal(jax.random.PRNGKey(1), (2, t, 4, 16))
+    w_s = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 8, 16))
+
+    def grads(impl):
+        def f(q, k, v, h0):
+            o, s = run(impl, q, k, v, h0=h0 if "h0" in extras else None, seg=seg)
+            return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+
+        return jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, h0)
+
+    got, want = grads(impl), grads("recurrent")
+    names = ("dq", "dk", "dv", "dh0") if "h0" in extras else ("dq", "dk", "dv")
+    for name, g, r in zip(names, got, want, strict=False):
+        assert rel_rms(g, r) <= 1e-5, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_bf16(impl):
+    t = 3 * C + 5
+    q, k, v, h0, seg = inputs(t, seed=3, dtype=jnp.bfloat16)
+    w = jax.random.normal(jax.random.PRNGKey(4), (2, t, 4, 16))
+
+    def grads(impl, dtype):
+        def f(q, k, v, h0):
+            o, s = run(impl, q, k, v, h0=h0, seg=seg)
+            return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(s)
+
+        return jax.grad(f, argnums=(0, 1, 2, 3))(*(x.astype(dtype) for x in (q, k, v)), h0)
+
+    for g, r in zip(grads(impl, jnp.bfloat16), grads("recurrent", jnp.float32), strict=True):
+        assert g.dtype in (jnp.bfloat16, jnp.float32)
+        assert rel_rms(g, r) <= 1e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernels_under_jit_and_vmap_free_batching(impl):
+    """Jitted end to end (the model calls it inside a scan over layers), Dk != Dv."""
+    q, k, v, h0, seg = inputs(2 * C + 1, seed=4, b=3, dk=16, dv=8)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def f(impl, q, k, v, h0, seg):
+        return run(impl, q, k, v, h0=h0, seg=seg)
+
+    h0 = jnp.zeros((3, 4, 16, 8))
+    out, state = f(impl, q, k, v, h0, seg)
+    ref_out, ref_state = f("recurrent", q, k, v, h0, seg)
+    assert rel_rms(out, ref_out) <= 1e-5 and rel_rms(state, ref_state) <= 1e-5
+
+
+def test_auto_resolves_by_platform_and_length():
+    assert resolve_lightning_impl("auto", 4096, "tpu") == "pallas_tpu"
+    assert resolve_lightning_impl("auto", 4096, "gpu") == "pallas_gpu"
+    assert resolve_lightning_impl("auto", 4096, "cpu") == "reference"
+    assert resolve_lightning_impl("auto", 16, "tpu") == "reference"  # too short for a kernel
+    assert resolve_lightning_impl("pallas_tpu", 16, "cpu") == "pallas_tpu"  # explicit choice wins
