@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
 from m1jax.kernels import lightning as _lightning
+from m1jax.kernels.lightning.partition import context_mesh, shardable
 
 LIGHTNING_IMPLS = ("auto", "reference", "recurrent", "pallas_tpu", "pallas_gpu")
 # Below this length a kernel launch does not pay off over the jnp blocked form.
@@ -25,16 +24,18 @@ def resolve_lightning_impl(impl: str, t: int | None = None, platform: str | None
     platform = platform or jax.default_backend()
     if t is not None and t < MIN_KERNEL_LENGTH:
         return "reference"
+    if platform == "tpu" and jax.device_count() > 1 and context_mesh() is None:
+        return "reference"  # Mosaic needs shard_map, which needs the mesh: see kernels/lightning/partition.py
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "reference")
 
 
-def _kernel_call(forward, q, k, v, slopes, initial_state, segment_ids, **kw):
+def _kernel_call(forward, partitionable, q, k, v, slopes, initial_state, segment_ids, **kw):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     hm = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] <-> [B, H, T, D]
     h0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state
     runs = None if segment_ids is None else _lightning.run_ids(segment_ids)
-    core = partial(forward, **kw)
+    core = shardable(forward, partitionable=partitionable, **kw)
     out, final = _lightning.lightning_vjp(core, hm(q), hm(k), hm(v), slopes, h0, runs)
     return hm(out), final
 
@@ -66,12 +67,13 @@ def lightning_attention(
         from m1jax.kernels.lightning import pallas_tpu
 
         kw.update(block_size=block_size or 256, interpret=interpret)
-        return _kernel_call(pallas_tpu.forward, q, k, v, slopes, **kw)
+        # Mosaic TPU calls cannot go through custom_partitioning (jax-ml/jax#38196); interpret mode can.
+        return _kernel_call(pallas_tpu.forward, interpret, q, k, v, slopes, **kw)
     if impl == "pallas_gpu":
         from m1jax.kernels.lightning import pallas_gpu
 
         kw.update(block_size=block_size or 64, interpret=interpret)
-        return _kernel_call(pallas_gpu.forward, q, k, v, slopes, **kw)
+        return _kernel_call(pallas_gpu.forward, True, q, k, v, slopes, **kw)
     raise ValueError(f"lightning_attention: unknown impl {impl!r}; expected one of {list(LIGHTNING_IMPLS)}")
 
 

@@ -33,14 +33,17 @@ def _args(dtype, sharding=None):
     return qkv + [sds((B, H, D, D), jnp.float32), sds((B, T), jnp.int32)]
 
 
+def _topology():
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu")  # 4 chips
+
+
 @pytest.fixture(scope="module")
 def v5p():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install 'jax[tpu]'); .ci/run installs it")
-    from jax.experimental import topologies
-
-    topo = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu")
-    mesh = jax.sharding.Mesh([[topo.devices[0]]], ("x", "y"))
+    mesh = jax.sharding.Mesh([[_topology().devices[0]]], ("x", "y"))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
@@ -85,3 +88,23 @@ def test_gpu_kernels_lower_for_cuda(segmented):
     text = exported.mlir_module()
     assert "__gpu$xla.gpu.triton" in text
     assert "lightning_span_states" in text and "lightning_span_outputs" in text
+
+
+def test_tpu_kernel_compiles_sharded_over_batch_and_heads(v5p):
+    """4 v5p chips, batch over "data" and heads over "tensor" inside `jax.set_mesh`: the kernel runs
+    on local shards (shard_map), so the program has the 4 Mosaic calls and no gathers."""
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.array(_topology().devices).reshape(2, 2), ("data", "tensor"))
+    sh = NamedSharding(mesh, P("data", None, "tensor", None))
+    qkv = [jax.ShapeDtypeStruct((4, T, H, D), jnp.bfloat16, sharding=sh)] * 3
+
+    def loss(q, k, v):
+        return jnp.sum(lightning_attention(q, k, v, SLOPES, impl="pallas_tpu")[0].astype(jnp.float32) ** 2)
+
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), out_shardings=(sh,) * 3).lower(*qkv).compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 4
+    assert "all-gather" not in text and "all-to-all" not in text
