@@ -13,7 +13,9 @@ LIGHTNING_IMPLS = ("auto", "reference", "recurrent", "pallas_tpu", "pallas_gpu")
 MIN_KERNEL_LENGTH = 128
 
 
-def resolve_lightning_impl(impl: str, t: int | None = None, platform: str | None = None) -> str:
+def resolve_lightning_impl(
+    impl: str, t: int | None = None, platform: str | None = None, devices: int | None = None
+) -> str:
     """ "auto" -> the Pallas kernel of the platform (TPU, GPU), else the jnp reference.
 
     Short sequences (t < MIN_KERNEL_LENGTH) and CPU use the reference; decode never comes here (the
@@ -24,7 +26,8 @@ def resolve_lightning_impl(impl: str, t: int | None = None, platform: str | None
     platform = platform or jax.default_backend()
     if t is not None and t < MIN_KERNEL_LENGTH:
         return "reference"
-    if platform == "tpu" and jax.device_count() > 1 and context_mesh() is None:
+    devices = jax.device_count() if devices is None else devices
+    if platform == "tpu" and devices > 1 and context_mesh() is None:
         return "reference"  # Mosaic needs shard_map, which needs the mesh: see kernels/lightning/partition.py
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "reference")
 

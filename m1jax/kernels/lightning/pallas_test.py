@@ -135,7 +135,9 @@ def test_kernels_under_jit_and_vmap_free_batching(impl):
 
 
 def test_auto_resolves_by_platform_and_length():
-    assert resolve_lightning_impl("auto", 4096, "tpu") == "pallas_tpu"
+    assert resolve_lightning_impl("auto", 4096, "tpu", devices=1) == "pallas_tpu"
+    # Several TPU devices and no `jax.set_mesh`: Mosaic cannot be partitioned, so the reference.
+    assert resolve_lightning_impl("auto", 4096, "tpu", devices=8) == "reference"
     assert resolve_lightning_impl("auto", 4096, "gpu") == "pallas_gpu"
     assert resolve_lightning_impl("auto", 4096, "cpu") == "reference"
     assert resolve_lightning_impl("auto", 16, "tpu") == "reference"  # too short for a kernel
