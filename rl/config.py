@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from m1jax.train.config import base_config as pretrain_base
-from m1jax.train.config import model_config
+from m1jax.train.config import checker, model_config
 from rl import advantages, losses
 
 OLD_LOGP = ("trainer", "sampler")
@@ -105,13 +105,7 @@ def loss_kwargs(c) -> dict:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    unknown = sorted(set(c.keys()) - set(base_config().keys()))
-    if unknown:
-        raise ValueError(f"unknown config fields {unknown}")
-
-    def need(ok: bool, field: str, msg: str) -> None:
-        if not ok:
-            raise ValueError(f"config.{field}={c[field]!r}: {msg}")
+    need = checker(c, base_config())
 
     for f in ("steps", "prompts_per_step", "samples_per_prompt", "updates_per_rollout", "micro_batches"):
         need(int(c[f]) >= 1, f, "must be a positive integer")

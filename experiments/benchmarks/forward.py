@@ -61,6 +61,14 @@ def rescale(cfg, params):
     return jax.tree_util.tree_map_with_path(f, params)
 
 
+def write_report(report: dict, path: str) -> None:
+    """Print the JSON report and write it to `path`."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    with open(path, "w") as fh:
+        fh.write(text + "\n")
+
+
 def timed(fn) -> tuple[float, object]:
     """(wall seconds, output) of one call."""
     t0 = time.perf_counter()
@@ -182,10 +190,7 @@ def main() -> None:
     seq_len, reps = (512, 1) if args.quick else (2048, 5)
     report = {"quick": args.quick, "forward": bench_forward(seq_len, reps), "compile": bench_compile(reps)}
     report["env"] = env()
-    text = json.dumps(report, indent=2)
-    print(text)
-    with open(args.out, "w") as fh:
-        fh.write(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.benchmarks.forward import write_report
+from experiments.benchmarks.train_step import measured_peak_flops
 from m1jax.kernels import lightning_attention, resolve_lightning_impl
 from m1jax.layers import layer_slopes
 
@@ -66,10 +68,7 @@ def device_peaks() -> tuple[float, float, str]:
     for prefix, (f, bw) in PEAKS.items():
         if kind.startswith(prefix):
             return f, bw, f"vendor peak for {kind}"
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    flops = 2 * n**3 / timed(lambda: mm(a).block_until_ready(), 5)
+    flops = measured_peak_flops()
     big = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB
     cp = jax.jit(lambda x: x + 1.0)
     bw = 2 * big.nbytes / timed(lambda: cp(big).block_until_ready(), 5)
@@ -265,10 +264,8 @@ def main():
     p.add_argument("--out", default="lightning_benchmark.json")
     args = p.parse_args()
     result = run(args)
+    write_report(result, args.out)
     print(json.dumps(result["summary"], indent=1))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ of this machine (a 2048^3 `jnp.dot`, median of 5) and reports MFU against that (
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import m1jax
-from experiments.benchmarks.forward import env, rescale, timed
+from experiments.benchmarks.forward import env, rescale, timed, write_report
 from m1jax import config
 from m1jax import sharding as shd
 from m1jax.summary import param_counts
@@ -186,11 +185,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=0, help="timed steps per implementation (default 5)")
     ap.add_argument("--out", default="train_step_benchmark.json", help="where to write the JSON report")
     args = ap.parse_args()
-    report = {"quick": args.quick, "train_step": run(args), "env": env()}
-    text = json.dumps(report, indent=2)
-    print(text)
-    with open(args.out, "w") as fh:
-        fh.write(text + "\n")
+    write_report({"quick": args.quick, "train_step": run(args), "env": env()}, args.out)
 
 
 if __name__ == "__main__":

@@ -77,15 +77,22 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     return presets.PRESETS[name](**overrides)
 
 
-def validate(c: ml_collections.ConfigDict, tokenizer_vocab: int | None = None) -> ModelConfig:
-    """Check the config before anything is compiled; returns the model config."""
-    unknown = sorted(set(c.keys()) - set(base_config().keys()))
+def checker(c: ml_collections.ConfigDict, base: ml_collections.ConfigDict):
+    """Reject fields `base` lacks; return need(ok, field, msg), which raises naming field and value."""
+    unknown = sorted(set(c.keys()) - set(base.keys()))
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
 
     def need(ok: bool, field: str, msg: str) -> None:
         if not ok:
             raise ValueError(f"config.{field}={c[field]!r}: {msg}")
+
+    return need
+
+
+def validate(c: ml_collections.ConfigDict, tokenizer_vocab: int | None = None) -> ModelConfig:
+    """Check the config before anything is compiled; returns the model config."""
+    need = checker(c, base_config())
 
     for f in ("steps", "batch_size", "micro_batches", "seq_len", "log_every", "eval_every", "checkpoint_every"):
         need(int(c[f]) >= 1, f, "must be a positive integer")

@@ -41,51 +41,47 @@ def _compiler_params():
         return None
 
 
-def _loop_blocks(n_blocks, c, span, t_total, fn, init):
-    """fori_loop over the span's blocks; fn(start, m, carry) with m = valid tokens (0 past the end)."""
+def _loop_blocks(t_total, c, n_blocks, slopes_ref, ids_ref, prev_ref, fn, init):
+    """fori_loop over this program's span, one block of C tokens per step.
+
+    Calls fn(rows, m, slope, masks, carry): rows = the block's `pl.ds` in the span, m = its valid
+    tokens (0 past the end of the sequence), masks = `block.Masks` or None without segment ids.
+    """
+    slope = slopes_ref[pl.program_id(1)]
+    span = pl.program_id(2) * (n_blocks * c)
 
     def body(i, carry):
         start = i * c
+        rows = pl.ds(start, c)
         m = jnp.clip(t_total - (span + start), 0, c).astype(jnp.int32)
-        return fn(start, m, carry)
+        mk = None
+        if ids_ref is not None:
+            ids = ids_ref[rows]
+            mk = block.masks(ids[:, None], ids[None, :], prev_ref[rows][:, None])
+        return fn(rows, m, slope, mk, carry)
 
     return lax.fori_loop(0, n_blocks, body, init)
 
 
-def _block_masks(ids_ref, prev_ref, start, c):
-    ids = ids_ref[pl.ds(start, c)]
-    prev = prev_ref[pl.ds(start, c)]
-    return block.masks(ids[:, None], ids[None, :], prev[:, None])
-
-
 def _span_state_kernel(t_total, c, n_blocks, segmented, slopes_ref, k_ref, v_ref, *refs):
     ids_ref, prev_ref, ds_ref = refs if segmented else (None, None, refs[0])
-    slope = slopes_ref[pl.program_id(1)]
-    span = pl.program_id(2) * (n_blocks * c)
 
-    def step(start, m, state):
-        mk = _block_masks(ids_ref, prev_ref, start, c) if segmented else None
-        k = k_ref[pl.ds(start, c), :]
-        v = v_ref[pl.ds(start, c), :]
-        return block.block_state(k, v, state, slope, m, mk)
+    def step(rows, m, slope, mk, state):
+        return block.block_state(k_ref[rows, :], v_ref[rows, :], state, slope, m, mk)
 
-    ds_ref[...] = _loop_blocks(n_blocks, c, span, t_total, step, jnp.zeros(ds_ref.shape, _F32))
+    init = jnp.zeros(ds_ref.shape, _F32)
+    ds_ref[...] = _loop_blocks(t_total, c, n_blocks, slopes_ref, ids_ref, prev_ref, step, init)
 
 
 def _span_output_kernel(t_total, c, n_blocks, segmented, slopes_ref, q_ref, k_ref, v_ref, s_ref, *refs):
     ids_ref, prev_ref, o_ref = refs if segmented else (None, None, refs[0])
-    slope = slopes_ref[pl.program_id(1)]
-    span = pl.program_id(2) * (n_blocks * c)
 
-    def step(start, m, state):
-        mk = _block_masks(ids_ref, prev_ref, start, c) if segmented else None
-        q = q_ref[pl.ds(start, c), :]
-        k = k_ref[pl.ds(start, c), :]
-        v = v_ref[pl.ds(start, c), :]
-        o_ref[pl.ds(start, c), :] = block.block_output(q, k, v, state, slope, mk).astype(o_ref.dtype)
+    def step(rows, m, slope, mk, state):
+        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        o_ref[rows, :] = block.block_output(q, k, v, state, slope, mk).astype(o_ref.dtype)
         return block.block_state(k, v, state, slope, m, mk)
 
-    _loop_blocks(n_blocks, c, span, t_total, step, s_ref[...])
+    _loop_blocks(t_total, c, n_blocks, slopes_ref, ids_ref, prev_ref, step, s_ref[...])
 
 
 def plan(b: int, h: int, t: int, dv: int, block_size: int, spans: int | None = None) -> tuple[int, int, int, int]:

@@ -120,7 +120,7 @@ def test_gradients_bf16(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_kernels_under_jit_and_vmap_free_batching(impl):
+def test_kernels_under_jit_with_dk_not_dv(impl):
     """Jitted end to end (the model calls it inside a scan over layers), Dk != Dv."""
     q, k, v, h0, seg = inputs(2 * C + 1, seed=4, b=3, dk=16, dv=8)
 
