@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from m1jax.config import ModelConfig
+from m1jax.kernels.softmax import flash_attention
 from m1jax.layers import Context, apply_rope, param
 
 _F32 = jnp.float32
@@ -34,7 +35,8 @@ def gqa_attention(q, k, v, mask):
 
 
 def causal_attention(q, k, v, runs=None, *, max_blocks: int = 32, min_block: int = 64):
-    """Causal GQA over the full sequence, in query blocks that skip the masked upper triangle.
+    """Causal GQA over the full sequence, in query blocks that skip the masked upper triangle: the
+    plain-autodiff reference of `m1jax.kernels.softmax.flash_attention` (which the model runs).
 
     Query block [lo, hi) attends to keys [0, hi) only: about half the work of the full square and
     a working set that fits in cache. The block count is capped, so tracing cost is bounded in T.
@@ -88,7 +90,7 @@ class SoftmaxAttention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
         else:
             t = x.shape[1]
-            out = causal_attention(q, k, v, ctx.runs)
+            out = flash_attention(q, k, v, ctx.runs)
             if self.mode == "prefill":
                 pad = [(0, 0), (0, self.max_len - t), (0, 0), (0, 0)]
                 new_cache = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}

@@ -4,13 +4,14 @@ Three expert implementations compute the same function:
 - "dense": every expert on every token, weighted by the (sparse) combine matrix. E/k x the work;
   the simplest oracle, best for tiny models.
 - "tiled": assignments sorted by expert, each expert's group padded to whole tiles of `m` rows,
-  a loop of matmuls over the tiles. ~1x the work; the CPU path.
+  a loop over each expert's tiles. ~1x the work; the CPU path.
 - "ragged": sorted assignments through `jax.lax.ragged_dot` (grouped GEMM on TPU/GPU; on CPU XLA
   lowers it to a masked dense product, E x the work).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -91,64 +92,109 @@ def experts_tiled(x, weights, ids, w1, w3, w2):
     nk = n * k
     m = tile_rows(nk, e)
     num_tiles = -(-(nk + e * (m - 1)) // m)  # static bound on sum_e ceil(size_e / m)
-    # Buffer row of each assignment: its expert's first padded row + its rank within the expert.
-    # A running count replaces a sort, and rows go in once and out once (no unsort pass).
+    # Buffer row of each assignment: its expert's first tile + its rank within the expert. A
+    # running count replaces a sort.
     flat = ids.reshape(-1)
     onehot = (flat[:, None] == jnp.arange(e)).astype(jnp.int32)  # [N*k, E]
     rank = jnp.sum(jnp.cumsum(onehot, axis=0) * onehot, axis=1) - 1
-    padded = -(-jnp.sum(onehot, axis=0) // m) * m
-    padded_end = jnp.cumsum(padded)
-    row = (padded_end - padded)[flat] + rank
-    buf = jnp.zeros((num_tiles * m, x.shape[1]), x.dtype).at[row].set(jnp.repeat(x, k, axis=0))
-    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_tiles) * m, side="right"), e - 1)
-    used = jnp.arange(num_tiles) * m < padded_end[-1]
-
-    tiles = buf.reshape(num_tiles, m, -1)
-    h = jax.nn.silu(tile_matmul(tiles, w1, tile_expert, used)) * tile_matmul(tiles, w3, tile_expert, used)
-    yt = tile_matmul(h, w2, tile_expert, used)
-    return _combine(yt.reshape(num_tiles * m, -1)[row].reshape(n, k, -1), weights)
+    tiles = -(-jnp.sum(onehot, axis=0) // m)  # [E] tiles per expert
+    first = jnp.cumsum(tiles) - tiles  # [E] first tile of each expert
+    row = first[flat] * m + rank  # [N*k]
+    # Rows go in by a gather (faster than a scatter of rows on CPU): each buffer row's source
+    # token, with index n (an appended zero row) for padding.
+    src = jnp.full((num_tiles * m,), n, jnp.int32).at[row].set(jnp.arange(nk, dtype=jnp.int32) // k)
+    buf = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[src]
+    y = expert_tiles(buf, w1, w3, w2, first, tiles, m)
+    return _combine(y[row].reshape(n, k, -1), weights)
 
 
-@jax.custom_vjp
-def tile_matmul(x, w, tile_expert, live):
-    """x [S, m, K] tiles sorted by expert, w [E, K, N], tile_expert [S], live [S] -> [S, m, N].
+MAX_CHUNK_ROWS = 512  # rows of the largest matmul an expert's tiles are grouped into
 
-    Tile s is x[s] @ w[tile_expert[s]] (zeros where not live). A loop over tiles indexing the
-    weights in place: a gathered weight copy per tile costs more memory traffic than the matmul on
-    CPU. The custom VJP accumulates each tile's weight gradient into its expert's slice only;
-    autodiff of the loop would add a full [E, K, N] cotangent per tile.
+
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def expert_tiles(buf, w1, w3, w2, first, tiles, m: int):
+    """SwiGLU experts on a buffer of tiles sorted by expert: buf [S*m, D], w1/w3 [E, D, F],
+    w2 [E, F, D], first/tiles [E] (expert e owns tiles first[e] .. first[e]+tiles[e]-1) -> [S*m, D].
+
+    A scan over experts with loops over each expert's tiles only (dynamic trip counts): weights
+    are sliced once per expert, tiles past the last expert's never run (their rows stay zero),
+    and the three matmuls of a chunk of tiles sit in one loop body. Tiles are taken in chunks of
+    up to MAX_CHUNK_ROWS rows (then halves, quarters, ... for the remainder), since on CPU a
+    matmul's efficiency grows with its row count. The custom VJP keeps each expert's weight
+    gradient in the loop carry (fp32) and recomputes the hidden activations per chunk.
     """
-    return _tile_mm(x, w, tile_expert, live, transpose=False)
+    return _tiles_forward(buf, w1, w3, w2, first, tiles, m)
 
 
-def _tile_mm(x, w, tile_expert, live, transpose: bool):
-    def body(_, xs):
-        xt, ex, on = xs
-        mm = lambda: xt @ (w[ex].T if transpose else w[ex])
-        shape = (xt.shape[0], w.shape[1] if transpose else w.shape[2])
-        return None, jax.lax.cond(on, mm, lambda: jnp.zeros(shape, xt.dtype))
+def _over_chunks(body, carry, t0, count, m: int, num_tiles: int):
+    """carry = body(first_row, rows, carry) over tiles t0 .. t0+count-1 of height m: chunks of the
+    largest size (a power of two tiles) while they fit, then one chunk per set bit of the rest."""
+    top = max(1, min(num_tiles, MAX_CHUNK_ROWS // m))
+    sizes = [1 << p for p in reversed(range(top.bit_length()))]  # e.g. [4, 2, 1] tiles
+    start = t0
+    for level, size in enumerate(sizes):
+        n = count // size if level == 0 else (count // size) % 2
 
-    return jax.lax.scan(body, None, (x, tile_expert, live))[1]
+        def chunk(i, c, start=start, size=size):
+            return body((start + i * size) * m, size * m, c)
 
-
-def _tile_matmul_fwd(x, w, tile_expert, live):
-    return _tile_mm(x, w, tile_expert, live, transpose=False), (x, w, tile_expert, live)
-
-
-def _tile_matmul_bwd(res, dy):
-    x, w, tile_expert, live = res
-    dx = _tile_mm(dy, w, tile_expert, live, transpose=True)
-
-    def body(dw, xs):
-        xt, dyt, ex, on = xs
-        add = lambda: jax.lax.dynamic_update_index_in_dim(dw, dw[ex] + xt.T @ dyt, ex, 0)
-        return jax.lax.cond(on, add, lambda: dw), None
-
-    dw = jax.lax.scan(body, jnp.zeros(w.shape, w.dtype), (x, dy, tile_expert, live))[0]
-    return dx, dw, None, None
+        carry = jax.lax.fori_loop(0, n, chunk, carry)
+        start = start + n * size
+    return carry
 
 
-tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
+def _tiles_forward(buf, w1, w3, w2, first, tiles, m):
+    num_tiles = buf.shape[0] // m
+
+    def expert(out, xs):
+        w1e, w3e, w2e, t0, count = xs
+
+        def body(r, rows, out):
+            xt = jax.lax.dynamic_slice_in_dim(buf, r, rows)
+            h = jax.nn.silu(xt @ w1e) * (xt @ w3e)
+            return jax.lax.dynamic_update_slice_in_dim(out, h @ w2e, r, 0)
+
+        return _over_chunks(body, out, t0, count, m, num_tiles), None
+
+    return jax.lax.scan(expert, jnp.zeros_like(buf), (w1, w3, w2, first, tiles))[0]
+
+
+def _expert_tiles_fwd(buf, w1, w3, w2, first, tiles, m):
+    return _tiles_forward(buf, w1, w3, w2, first, tiles, m), (buf, w1, w3, w2, first, tiles)
+
+
+def _expert_tiles_bwd(m, res, dy):
+    buf, w1, w3, w2, first, tiles = res
+    num_tiles = buf.shape[0] // m
+    outer = partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())), preferred_element_type=_F32)
+
+    def expert(dx, xs):
+        w1e, w3e, w2e, t0, count = xs
+
+        def body(r, rows, carry):
+            dx, g1, g3, g2 = carry
+            xt = jax.lax.dynamic_slice_in_dim(buf, r, rows)
+            dyt = jax.lax.dynamic_slice_in_dim(dy, r, rows)
+            a, b = xt @ w1e, xt @ w3e
+            sig = jax.nn.sigmoid(a)
+            s = a * sig  # silu(a)
+            dh = dyt @ w2e.T
+            da = dh * b * sig * (1 + a * (1 - sig))
+            db = dh * s
+            dxt = da @ w1e.T + db @ w3e.T
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dxt.astype(dx.dtype), r, 0)
+            return dx, g1 + outer(xt, da), g3 + outer(xt, db), g2 + outer(s * b, dyt)
+
+        zeros = lambda w: jnp.zeros(w.shape, _F32)
+        carry = (dx, zeros(w1e), zeros(w3e), zeros(w2e))
+        dx, g1, g3, g2 = _over_chunks(body, carry, t0, count, m, num_tiles)
+        return dx, (g1.astype(w1e.dtype), g3.astype(w3e.dtype), g2.astype(w2e.dtype))
+
+    dx, (d1, d3, d2) = jax.lax.scan(expert, jnp.zeros_like(buf), (w1, w3, w2, first, tiles))
+    return dx, d1, d3, d2, None, None
+
+
+expert_tiles.defvjp(_expert_tiles_fwd, _expert_tiles_bwd)
 
 
 _IMPLS = {"dense": experts_dense, "tiled": experts_tiled, "ragged": experts_ragged}
