@@ -9,7 +9,7 @@ from jax import lax
 
 from m1jax.config import ModelConfig
 from m1jax.kernels.softmax import flash_attention
-from m1jax.layers import Context, apply_rope, param
+from m1jax.layers import Context, apply_rope, param, project
 
 _F32 = jnp.float32
 
@@ -73,9 +73,7 @@ class SoftmaxAttention(nn.Module):
         wo = param(self, "o", (h, d, c.hidden_size), ("heads", "head_dim", "embed"), init, pdt)
 
         x = x.astype(dt)
-        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
-        k = jnp.einsum("btd,dgk->btgk", x, wk.astype(dt))
-        v = jnp.einsum("btd,dgk->btgk", x, wv.astype(dt))
+        q, k, v = (project(x, w.astype(dt)) for w in (wq, wk, wv))  # [B, T, H or G, D]
         q = apply_rope(q, ctx.positions, c.rotary_dim, c.rope_theta)
         k = apply_rope(k, ctx.positions, c.rotary_dim, c.rope_theta)
 
@@ -94,5 +92,5 @@ class SoftmaxAttention(nn.Module):
             if self.mode == "prefill":
                 pad = [(0, 0), (0, self.max_len - t), (0, 0), (0, 0)]
                 new_cache = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
-        y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+        y = project(out, wo.astype(dt), n_in=2)
         return y, new_cache

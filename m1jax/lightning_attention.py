@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from m1jax.config import ModelConfig
 from m1jax.kernels import lightning_attention
 from m1jax.kernels.lightning import decode_step
-from m1jax.layers import Context, RMSNorm, param
+from m1jax.layers import Context, RMSNorm, param, project
 
 
 class LightningAttention(nn.Module):
@@ -36,7 +35,7 @@ class LightningAttention(nn.Module):
         # Three projections rather than one: slicing q, k, v out of a [B, T, H, 3, D] product costs
         # more (strided copies) than the smaller GEMMs.
         w = w_qkv.astype(dt)
-        q, k, v = (jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, w[:, :, i])) for i in range(3))  # [B, T, H, D]
+        q, k, v = (jax.nn.silu(project(x, w[:, :, i])) for i in range(3))  # [B, T, H, D]
 
         if self.mode == "decode":
             o, state = decode_step(q[:, 0], k[:, 0], v[:, 0], slopes, cache["state"])
@@ -46,6 +45,6 @@ class LightningAttention(nn.Module):
                 q, k, v, slopes, segment_ids=ctx.runs, impl=c.lightning_impl, block_size=c.block_size
             )
         o = RMSNorm(c.lightning_norm_eps, axes=("heads", "head_dim"), param_dtype=pdt, name="norm")(o)
-        o = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, w_gate.astype(dt))) * o
-        y = jnp.einsum("bthk,hkd->btd", o, w_out.astype(dt))
+        o = jax.nn.sigmoid(project(x, w_gate.astype(dt))) * o
+        y = project(o, w_out.astype(dt), n_in=2)
         return y, (None if self.mode == "train" else {"state": state})

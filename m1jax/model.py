@@ -15,7 +15,7 @@ import numpy as np
 from m1jax.attention import SoftmaxAttention
 from m1jax.config import LIGHTNING, ModelConfig, layer_plan
 from m1jax.kernels.lightning import run_ids
-from m1jax.layers import Context, RMSNorm, layer_slopes, param
+from m1jax.layers import Context, RMSNorm, layer_slopes, param, project
 from m1jax.lightning_attention import LightningAttention
 from m1jax.moe import MoE, RouterStats, switch_aux_loss
 
@@ -165,7 +165,7 @@ class M1Model(nn.Module):
         else:
             head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), init, c.params_dtype)
         hdt = _F32 if c.lm_head_fp32 else c.compute_dtype
-        logits = jnp.einsum("btd,dv->btv", x.astype(hdt), head.astype(hdt)).astype(_F32)
+        logits = project(x.astype(hdt), head.astype(hdt)).astype(_F32)  # [B, T, V]
 
         stats = RouterStats(*(jnp.concatenate(s) for s in zip(*all_stats, strict=True)))
         load = stats.counts / jnp.maximum(stats.tokens[:, None] * c.num_experts_per_tok, 1.0)
