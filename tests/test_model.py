@@ -8,7 +8,7 @@ from conftest import rel_err
 
 from m1jax import M1Model, config, init_params, param_axes
 from m1jax.config import ModelConfig
-from m1jax.moe import MoE, experts_dense, experts_ragged, experts_tiled, route
+from m1jax.moe import MoE, expert_tiles, experts_dense, experts_ragged, experts_tiled, route
 
 CFG = config.tiny(block_size=8)  # 3 lightning + 1 softmax, blocks of 8 tokens
 
@@ -116,6 +116,33 @@ def test_moe_implementations_agree(n):
         assert rel_err(y, y_ref) <= 1e-5
         for a, b in zip(g, g_ref, strict=True):
             assert rel_err(a, b) <= 1e-5
+
+
+def test_expert_tiles_chunking_with_skewed_load():
+    # 7 tiles (chunks of 4 + 2 + 1), none, 1 and 5 (4 + 1), then 3 unused tiles: every chunk size runs.
+    m, d, f = 4, 8, 12
+    tiles = jnp.asarray([7, 0, 1, 5])
+    first = jnp.cumsum(tiles) - tiles
+    ks = jax.random.split(jax.random.PRNGKey(7), 5)
+    buf = jax.random.normal(ks[0], (16 * m, d))
+    w1, w3 = jax.random.normal(ks[1], (2, 4, d, f)) / 3
+    w2 = jax.random.normal(ks[2], (4, f, d)) / 3
+    owner = np.repeat(np.arange(5), np.append(np.asarray(tiles), 3) * m)  # expert of each row (4: unused)
+
+    def reference(buf, w1, w3, w2):
+        rows = []
+        for e in range(4):
+            xe = buf[owner == e]
+            rows.append((jax.nn.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
+        return jnp.concatenate(rows + [jnp.zeros((3 * m, d))])
+
+    args = (buf, w1, w3, w2)
+    assert rel_err(expert_tiles(*args, first, tiles, m), reference(*args)) <= 1e-6
+    cot = jax.random.normal(ks[3], buf.shape)
+    got = jax.vjp(lambda *a: expert_tiles(*a, first, tiles, m), *args)[1](cot)
+    want = jax.vjp(reference, *args)[1](cot)
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) <= 1e-5
 
 
 def test_bf16_compute_is_close_to_fp32():
