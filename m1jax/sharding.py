@@ -15,12 +15,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from m1jax.config import ModelConfig
 from m1jax.model import abstract_params
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 
 # Tensor parallelism over heads / expert FFN width / vocabulary, FSDP over the model width,
-# expert parallelism over experts; the scanned layer axis stays whole.
+# expert parallelism over experts, sequence parallelism over the tokens of a row ("length");
+# the scanned layer axis stays whole.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
+    ("length", "sequence"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -95,5 +97,5 @@ def mesh_from_config(axes: dict[str, int], devices=None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    """Sharding of a [B, T] token batch: B over the data-parallel axes."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", None), rules))
+    """Sharding of a [B, T] token batch: B over the data-parallel axes, T over "sequence"."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
