@@ -26,7 +26,13 @@ def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    from m1jax import distributed
     from rl.loop import train  # after flag parsing: keeps --help fast
+
+    try:
+        distributed.initialize()  # multi-host jobs (launch/): before any JAX work
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
     try:
         summary = train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)

@@ -118,3 +118,17 @@ def validate(c: ml_collections.ConfigDict, tokenizer_vocab: int | None = None) -
             f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"
         )
     return cfg
+
+
+def check_batch_layout(c: ml_collections.ConfigDict, mesh_shape: dict, num_processes: int = 1) -> None:
+    """Each micro-batch must split evenly over the batch-parallel mesh axes, the batch over processes."""
+    dp = 1
+    for a in ("data", "fsdp", "expert"):
+        dp *= int(mesh_shape.get(a, 1))
+    if (c.batch_size // c.micro_batches) % dp:
+        raise ValueError(
+            f"config.batch_size={c.batch_size} / micro_batches={c.micro_batches} is not divisible by the "
+            f"{dp} batch-parallel devices of mesh {dict(mesh_shape)}"
+        )
+    if c.batch_size % num_processes:
+        raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the {num_processes} processes")

@@ -27,7 +27,7 @@ from m1jax.generate import generate
 from m1jax.train import flops as flops_lib
 from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
-from m1jax.train.config import validate
+from m1jax.train.config import check_batch_layout, validate
 from m1jax.train.metrics import MetricWriter
 from m1jax.train.step import Trainer
 
@@ -102,14 +102,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
 
     mesh = shd.mesh_from_config(dict(c.mesh))
     n_proc = jax.process_count()
-    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
-    if (c.batch_size // c.micro_batches) % dp:
-        raise ValueError(
-            f"config.batch_size={c.batch_size} / micro_batches={c.micro_batches} is not divisible by the "
-            f"{dp} batch-parallel devices of mesh {dict(mesh.shape)}"
-        )
-    if c.batch_size % n_proc:
-        raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the {n_proc} processes")
+    check_batch_layout(c, dict(mesh.shape), n_proc)
     train_corpus = load_corpus(c.data, tokenizer, workdir, "train")
     eval_corpus = load_corpus(c.data, tokenizer, workdir, "eval")
     packer = Packer(train_corpus, c.seq_len, c.batch_size, seed=c.data.seed)

@@ -1,0 +1,225 @@
+"""Compile the training step (and the CISPO step) ahead of time for a TPU slice, on any machine.
+
+    python -m experiments.aot --config configs/pretrain_m1_full.py --topology v5p:8x8x8 [--step both]
+        [--config.seq_len=32768 --config.mesh.expert=8 ...] [--rl_prompt_len 2048] [--out aot.json]
+
+Needs libtpu (`pip install "jax[tpu]"`, the `tpu` extra) but no TPU: `jax.experimental.topologies`
+describes the slice, the step is lowered with abstract inputs (nothing is allocated) and compiled
+by the real TPU compiler. Prints JSON per step: the mesh, per-chip memory from XLA's memory
+analysis (arguments, outputs, temporaries, aliased donations, the peak estimate and the chip's HBM),
+`fits`, and FLOPs per step: XLA's cost analysis per chip (it counts a loop body once, so with
+scanned layers and micro-batches it undercounts) and the analytic model count of `m1jax.train.flops`.
+A step that does not fit is reported as such, with its numbers, and the exit status is 1; a compile
+error (for example an out-of-memory from the compiler) is reported in the JSON with its message.
+
+`moe_impl` / `lightning_impl` "auto" resolve for the *target* (ragged_dot experts; the lightning
+kernel needs a mesh context under SPMD, so the jnp reference is compiled on multi-chip slices).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "pretraining config file", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:8x8x8, v5e:4x4, v4:2x2x2")
+_STEP = flags.DEFINE_enum("step", "both", ["pretrain", "cispo", "both"], "which step(s) to compile")
+_RL_PROMPT = flags.DEFINE_integer("rl_prompt_len", 0, "CISPO prompt length (0: seq_len / 4)")
+_OUT = flags.DEFINE_string("out", "", "also write the JSON report here")
+
+GIB = 2**30
+# HBM per chip by device kind (public TPU specs); unknown kinds report fits=None.
+# Matched in order: a v5p reports its kind as "TPU v5", a v5e as "TPU v5 lite".
+HBM_GIB = (("v5 lite", 16.0), ("v5e", 16.0), ("v5", 95.0), ("v6", 32.0), ("v4", 32.0), ("v3", 32.0), ("v2", 16.0))
+
+
+def hbm_bytes(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    return next((gib * GIB for key, gib in HBM_GIB if key in kind), None)
+
+
+def topology_devices(name: str):
+    """The devices of a TPU topology description ("v5p:2x2x1", ...), for compiling only."""
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    except Exception as e:  # noqa: BLE001 - libtpu missing, unknown topology name
+        raise SystemExit(f"error: cannot describe TPU topology {name!r} ({type(e).__name__}: {e})") from None
+
+
+def for_target(cfg, platform: str = "tpu"):
+    """Resolve the "auto" implementations for the target rather than for this (CPU) machine."""
+    moe = cfg.moe_impl if cfg.moe_impl != "auto" else ("tiled" if platform == "cpu" else "ragged")
+    return cfg.replace(moe_impl=moe, lightning_impl="reference" if cfg.lightning_impl == "auto" else cfg.lightning_impl)
+
+
+def memory_report(compiled, device_kind: str) -> dict:
+    m = compiled.memory_analysis()
+    out = {
+        k: int(getattr(m, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "temp", "alias", "generated_code")
+        if m is not None and hasattr(m, f"{k}_size_in_bytes")
+    }
+    # Donated state is aliased into the outputs: live bytes are arguments + outputs - aliases + temporaries.
+    peak = out.get("argument", 0) + out.get("output", 0) - out.get("alias", 0) + out.get("temp", 0)
+    out = {f"{k}_bytes": v for k, v in out.items()}
+    hbm = hbm_bytes(device_kind)
+    out.update(peak_bytes=peak, peak_gib=peak / GIB, hbm_gib=None if hbm is None else hbm / GIB)
+    out["fits"] = None if hbm is None else bool(peak <= hbm)
+    return out
+
+
+def xla_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _compile(lowered_fn, device_kind: str) -> dict:
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered_fn().compile()
+    except Exception as e:  # noqa: BLE001 - e.g. RESOURCE_EXHAUSTED from the TPU compiler: report it
+        return {"compiled": False, "error": f"{type(e).__name__}: {str(e)[:2000]}", "fits": False}
+    rep = {"compiled": True, "compile_s": time.perf_counter() - t0, **memory_report(compiled, device_kind)}
+    rep["xla_flops_per_chip"] = xla_flops(compiled)
+    return rep
+
+
+def pretrain_step(c, cfg, mesh, device_kind: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from m1jax.train import flops as flops_lib
+    from m1jax.train import optim
+    from m1jax.train.step import Trainer
+
+    lr = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
+    tx = optim.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    tr = Trainer(cfg, tx, lr, mesh, c.micro_batches)
+    batch = {
+        k: jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32, sharding=tr.batch_sharding)
+        for k in ("tokens", "segment_ids")
+    }
+    rep = _compile(lambda: tr.step.lower(tr.abstract_state, batch), device_kind)
+    tokens = c.batch_size * c.seq_len
+    rep.update(
+        batch_size=c.batch_size,
+        seq_len=c.seq_len,
+        micro_batches=c.micro_batches,
+        model_flops_per_step=flops_lib.train_flops_per_token(cfg, c.seq_len) * tokens,
+    )
+    return rep
+
+
+def cispo_step(c, cfg, mesh, device_kind: str, prompt_len: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from m1jax.train import flops as flops_lib
+    from m1jax.train import optim
+    from rl import config as rl_config
+    from rl.step import RLTrainer
+
+    r = rl_config.base_config()
+    tx = optim.adamw(r.learning_rate, b1=r.b1, b2=r.b2, eps=r.eps, weight_decay=r.weight_decay, grad_clip=r.grad_clip)
+    tr = RLTrainer(
+        cfg,
+        tx,
+        mesh,
+        loss="cispo",
+        loss_kw=rl_config.loss_kwargs(r),
+        temperature=r.temperature,
+        kl_coef=r.kl_coef,
+        aux=r.aux_loss,
+        micro_batches=c.micro_batches,
+    )
+    b, n = c.batch_size, c.seq_len - prompt_len
+    rows = tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1) or None
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P(rows)))  # noqa: E731
+    mb = {
+        "prompt": sds((b, prompt_len), jnp.int32),
+        "prompt_lengths": sds((b,), jnp.int32),
+        "tokens": sds((b, n), jnp.int32),
+        "mask": sds((b, n), jnp.float32),
+        "old_logp": sds((b, n), jnp.float32),
+        "ref_logp": sds((b, n), jnp.float32),
+        "advantages": sds((b,), jnp.float32),
+    }
+    rep = _compile(lambda: tr.update.lower(tr.abstract_state, mb), device_kind)
+    rep.update(
+        batch_size=b,
+        prompt_len=prompt_len,
+        response_len=n,
+        model_flops_per_step=flops_lib.train_flops_per_token(cfg, c.seq_len) * b * c.seq_len,
+    )
+    return rep
+
+
+def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
+    """Compile the chosen steps for `topology`; returns the report (see the module docstring)."""
+    from m1jax import sharding as shd
+    from m1jax.summary import param_counts
+    from m1jax.train import config as tc
+
+    cfg = for_target(tc.validate(c))
+    devices = topology_devices(topology)
+    mesh = shd.mesh_from_config(dict(c.mesh), list(devices))
+    if mesh.size != len(devices):
+        raise SystemExit(f"error: mesh {dict(mesh.shape)} uses {mesh.size} of the {len(devices)} chips of {topology}")
+    tc.check_batch_layout(c, dict(mesh.shape))
+    kind = devices[0].device_kind
+    counts = param_counts(cfg)
+    report = {
+        "topology": topology,
+        "chips": len(devices),
+        "device_kind": kind,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "remat": cfg.remat,
+        "moe_impl": cfg.moe_impl,
+        "lightning_impl": cfg.lightning_impl,
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+    }
+    if step in ("pretrain", "both"):
+        report["pretrain"] = pretrain_step(c, cfg, mesh, kind)
+    if step in ("cispo", "both"):
+        prompt = rl_prompt_len or c.seq_len // 4
+        if not 0 < prompt < c.seq_len:
+            raise SystemExit(f"error: --rl_prompt_len={prompt} must lie in (0, seq_len={c.seq_len})")
+        report["cispo"] = cispo_step(c, cfg, mesh, kind, prompt)
+    steps = [report[s] for s in ("pretrain", "cispo") if s in report]
+    report["fits"] = None if any(s["fits"] is None for s in steps) else all(s["fits"] for s in steps)
+    return report
+
+
+def main(argv) -> None:
+    del argv
+    if _CONFIG.value is None:
+        raise SystemExit("error: --config is required (e.g. configs/pretrain_m1_full.py)")
+    try:
+        report = run(_CONFIG.value, _TOPOLOGY.value, _STEP.value, _RL_PROMPT.value)
+    except ValueError as e:  # config errors
+        raise SystemExit(f"error: {e}") from None
+    text = json.dumps(report, indent=2)
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w") as fh:
+            fh.write(text + "\n")
+    for s in ("pretrain", "cispo"):
+        if s in report and report[s]["fits"] is False:
+            peak = report[s].get("peak_gib")
+            what = report[s].get("error") or f"needs {peak:.1f} GiB per chip, the chip has {report[s]['hbm_gib']:.0f}"
+            print(f"DOES NOT FIT: the {s} step on {_TOPOLOGY.value}: {what}", file=sys.stderr)
+    sys.exit(0 if report["fits"] is not False else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,86 @@
+"""Multi-host start-up and the launch scripts (bash -n and their --dry-run), plus the AOT tool on a
+small config compiled for a 4-chip TPU v5p slice (needs libtpu, which .ci/run installs)."""
+
+import importlib.util
+import os
+import subprocess
+
+import pytest
+
+from m1jax.distributed import init_kwargs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["launch/tpu_pod.sh", "launch/slurm_gpu.sbatch"]
+
+
+def test_init_kwargs_from_environment():
+    assert init_kwargs({}) is None
+    assert init_kwargs({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # one TPU host
+    assert init_kwargs({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}) == {}
+    assert init_kwargs({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert init_kwargs({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == {}
+    env = {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert init_kwargs(env) == {"coordinator_address": "h0:1234", "num_processes": 4, "process_id": 3}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        init_kwargs({**env, "JAX_PROCESS_ID": "4"})
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+        init_kwargs({"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_PROCESS_ID": "0"})
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
+
+
+def _run(*args, env=None):
+    return subprocess.run(
+        ["bash", *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60
+    )
+
+
+def test_tpu_pod_dry_run():
+    out = _run("launch/tpu_pod.sh", "--dry-run", "--zone", "us-east5-a", "--type", "v5p-128", "--queued", "all")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.replace("\\ ", " ")  # printf %q escapes the spaces of --command
+    assert "queued-resources create m1jax-" in lines and "--accelerator-type v5p-128" in lines
+    assert lines.count("--worker=all") >= 2  # setup and run reach every worker
+    assert "experiments.pretrain --config configs/pretrain_m1_full.py" in lines
+    assert "worker15.log" in lines and "worker16.log" not in lines  # v5p-128: 64 chips, 16 hosts
+    assert "queued-resources delete" in lines
+    bad = _run("launch/tpu_pod.sh", "--dry-run", "run")  # no zone
+    assert bad.returncode == 2 and "--zone" in bad.stderr
+    bad = _run("launch/tpu_pod.sh", "--dry-run", "--zone", "z", "--bogus", "run")
+    assert bad.returncode == 2 and "unknown argument: --bogus" in bad.stderr
+
+
+def test_slurm_dry_run():
+    env = {"SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": ""}
+    cmd = ["launch/slurm_gpu.sbatch", "--dry-run", "--", "python", "-m", "experiments.pretrain", "--config", "x.py"]
+    out = _run(*cmd, env=env)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.replace("\\ ", " ")
+    assert "srun --nodes=4" in text and "JAX_COORDINATOR_ADDRESS=" in text
+    assert "JAX_NUM_PROCESSES=4" in text and "experiments.pretrain --config x.py" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the tpu extra)")
+def test_aot_compiles_small_config_for_v5p():
+    from experiments import aot
+    from m1jax.train import config as tc
+
+    c = tc.base_config()
+    c.model.update(preset="tiny", vocab_size=96)
+    c.update(batch_size=8, seq_len=256)
+    c.mesh.update(fsdp=2, tensor=2)
+    r = aot.run(c, "v5p:2x2x1", "both", rl_prompt_len=64)
+    assert r["chips"] == 4 and r["mesh"]["fsdp"] == 2 and r["mesh"]["tensor"] == 2
+    assert r["moe_impl"] == "ragged"  # resolved for the TPU target, not for this CPU
+    for step in ("pretrain", "cispo"):
+        s = r[step]
+        assert s["compiled"] and s["fits"] is True, s
+        assert s["hbm_gib"] == 95.0 and 0 < s["peak_bytes"] < 2**30 and s["argument_bytes"] > 0
+        assert s["xla_flops_per_chip"] > 0 and s["model_flops_per_step"] > 0
+    assert r["fits"] is True
+    with pytest.raises(SystemExit, match="uses 2 of the 4 chips"):
+        c.mesh.update(fsdp=1)
+        aot.run(c, "v5p:2x2x1", "pretrain")
