@@ -101,7 +101,7 @@ def pretrain_step(c, cfg, mesh, device_kind: str) -> dict:
 
     lr = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
     tx = optim.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
-    tr = Trainer(cfg, tx, lr, mesh, c.micro_batches)
+    tr = Trainer(cfg, tx, lr, mesh, c.micro_batches, loss_chunk=c.loss_chunk)
     batch = {
         k: jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32, sharding=tr.batch_sharding)
         for k in ("tokens", "segment_ids")
@@ -112,6 +112,7 @@ def pretrain_step(c, cfg, mesh, device_kind: str) -> dict:
         batch_size=c.batch_size,
         seq_len=c.seq_len,
         micro_batches=c.micro_batches,
+        loss_chunk=c.loss_chunk,
         model_flops_per_step=flops_lib.train_flops_per_token(cfg, c.seq_len) * tokens,
     )
     return rep

@@ -136,9 +136,12 @@ class M1Model(nn.Module):
         return logits, aux
 
     @nn.compact
-    def run(self, tokens, segment_ids=None, positions=None, cache=None, mode="train", max_len=None, start=None):
+    def run(
+        self, tokens, segment_ids=None, positions=None, cache=None, mode="train", max_len=None, start=None, hidden=False
+    ):
         """All modes. prefill: `start` [B] = first real token (left padding), returns a cache with
-        `max_len` slots. decode: tokens [B, 1] and the cache from prefill/decode."""
+        `max_len` slots. decode: tokens [B, 1] and the cache from prefill/decode. hidden=True returns
+        the final-normed hidden states [B, T, D] instead of logits (for a chunked loss: `lm_head`)."""
         c = self.cfg
         check_tokens(tokens, c.vocab_size)
         b, t = tokens.shape
@@ -164,8 +167,7 @@ class M1Model(nn.Module):
             head = embed.T
         else:
             head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), init, c.params_dtype)
-        hdt = _F32 if c.lm_head_fp32 else c.compute_dtype
-        logits = project(x.astype(hdt), head.astype(hdt)).astype(_F32)  # [B, T, V]
+        logits = x if hidden else lm_head(c, x, head)  # [B, T, V]
 
         stats = RouterStats(*(jnp.concatenate(s) for s in zip(*all_stats, strict=True)))
         load = stats.counts / jnp.maximum(stats.tokens[:, None] * c.num_experts_per_tok, 1.0)
@@ -191,6 +193,17 @@ class M1Model(nn.Module):
         if mode == "prefill" and start is None:
             start = jnp.zeros((b,), jnp.int32)
         return Context(positions, runs, valid, None, start)
+
+
+def lm_head(cfg: ModelConfig, x, head):
+    """Final hidden states [..., D] x head [D, V] -> fp32 logits [..., V], in the head's dtype policy."""
+    hdt = _F32 if cfg.lm_head_fp32 else cfg.compute_dtype
+    return project(x.astype(hdt), head.astype(hdt)).astype(_F32)
+
+
+def head_weight(cfg: ModelConfig, params):
+    """The [D, V] LM-head matrix of a parameter tree (the embedding's transpose when tied)."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
 def check_tokens(tokens, vocab_size: int) -> None:

@@ -233,3 +233,23 @@ def test_metrics_file_is_json_lines(tmp_path):
         rows = [json.loads(line) for line in fh]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_chunked_loss_equals_full_loss():
+    """loss_chunk computes the head + cross entropy in token chunks: same loss and gradients."""
+    from m1jax.train.step import batch_loss
+
+    cfg = tc.validate(quick_config())
+    params = M1Model(cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(
+        lambda x: x.value if hasattr(x, "value") else x, params, is_leaf=lambda x: hasattr(x, "value")
+    )
+    b = _batch(5, b=2, t=64, vocab=cfg.vocab_size)
+    n = float(np.sum(targets_and_mask(jnp.asarray(b["tokens"]), jnp.asarray(b["segment_ids"]))[1]))
+    f = lambda p, chunk: batch_loss(cfg, p, b, n, 1.0, chunk)[0]  # noqa: E731
+    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(f), static_argnums=1)(params, k) for k in (0, 16))
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g0))
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=0, atol=1e-5 * scale), g1, g0)
+    with pytest.raises(ValueError, match="loss_chunk"):
+        tc.validate(quick_config(loss_chunk=48))  # does not divide seq_len 64

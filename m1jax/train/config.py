@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.steps = 200
     c.batch_size = 16
     c.micro_batches = 1
+    # LM head + cross entropy this many tokens at a time (0: whole rows); long sequences with a
+    # large vocabulary need it (M1: one 32K row's fp32 logits are 26 GB).
+    c.loss_chunk = 0
     c.seq_len = 256
     # Optimizer: AdamW, warmup then cosine / WSD (warmup-stable-decay) / constant.
     c.learning_rate = 3e-3
@@ -112,6 +115,11 @@ def validate(c: ml_collections.ConfigDict, tokenizer_vocab: int | None = None) -
         c.seq_len % cfg.block_size == 0,
         "seq_len",
         f"must be a multiple of the lightning block size (model.block_size={cfg.block_size})",
+    )
+    need(
+        c.loss_chunk >= 0 and (c.loss_chunk == 0 or c.seq_len % c.loss_chunk == 0),
+        "loss_chunk",
+        f"must be 0 or a positive divisor of seq_len={c.seq_len}",
     )
     if tokenizer_vocab is not None and tokenizer_vocab > cfg.vocab_size:
         raise ValueError(

@@ -108,7 +108,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     packer = Packer(train_corpus, c.seq_len, c.batch_size, seed=c.data.seed)
 
     lr_fn, tx = make_optimizer(c)
-    trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches)
+    trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches, loss_chunk=c.loss_chunk)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
 
     restored = ckpt.restore_latest(trainer.abstract_state)

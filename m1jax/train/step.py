@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
 from m1jax.data.pipeline import loss_mask
-from m1jax.model import M1Model
+from m1jax.model import M1Model, head_weight, lm_head
 
 _F32 = jnp.float32
 
@@ -39,11 +39,35 @@ def token_nll(logits, targets):
     return jax.nn.logsumexp(logits, axis=-1) - tgt
 
 
-def batch_loss(cfg: ModelConfig, params, batch, num_tokens, aux_weight=1.0):
-    """Sum of masked NLL / num_tokens + aux_weight * coef * router loss. Returns (loss, stats)."""
-    logits, aux = M1Model(cfg).apply({"params": params}, batch["tokens"], batch["segment_ids"])
+def chunked_nll_sum(cfg: ModelConfig, params, hidden, targets, mask, chunk: int):
+    """Sum of masked NLL with the LM head applied `chunk` tokens at a time, [B, chunk, V] logits
+    recomputed in the backward: the full [B, T, V] fp32 logits (26 GB for one 32K-token row of M1's
+    200K vocabulary) never exist. hidden [B, T, D], targets / mask [B, T]."""
+    b, t, d = hidden.shape
+    head = head_weight(cfg, params)
+    split = lambda x: jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)  # noqa: E731
+
+    @jax.checkpoint
+    def body(total, xs):
+        h, tgt, m = xs
+        return total + jnp.sum(token_nll(lm_head(cfg, h, head), tgt) * m), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), _F32), (split(hidden), split(targets), split(mask)))
+    return total
+
+
+def batch_loss(cfg: ModelConfig, params, batch, num_tokens, aux_weight=1.0, loss_chunk: int = 0):
+    """Sum of masked NLL / num_tokens + aux_weight * coef * router loss. Returns (loss, stats).
+    loss_chunk > 0 (dividing T) computes the head and cross entropy that many tokens at a time."""
+    t = batch["tokens"].shape[1]
+    chunked = 0 < loss_chunk < t
+    tokens, segs = batch["tokens"], batch["segment_ids"]
+    out, aux, _ = M1Model(cfg).apply({"params": params}, tokens, segs, hidden=chunked, method=M1Model.run)
     targets, mask = targets_and_mask(batch["tokens"], batch["segment_ids"])
-    nll_sum = jnp.sum(token_nll(logits, targets) * mask)
+    if chunked:
+        nll_sum = chunked_nll_sum(cfg, params, out, targets, mask, loss_chunk)
+    else:
+        nll_sum = jnp.sum(token_nll(out, targets) * mask)
     loss = nll_sum / num_tokens + aux_weight * cfg.router_aux_loss_coef * aux["router_aux_loss"]
     stats = {"nll_sum": nll_sum, "aux_loss": aux["router_aux_loss"] * aux_weight, "expert_load": aux["expert_load"]}
     return loss, stats
@@ -55,11 +79,13 @@ def _split_micro(x, m: int):
     return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
 
 
-def train_step(cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, micro_batches: int, state, batch):
+def train_step(
+    cfg: ModelConfig, tx: optax.GradientTransformation, lr_fn, micro_batches: int, state, batch, loss_chunk: int = 0
+):
     """One optimizer update from a [B, T] batch (accumulated over `micro_batches`)."""
     params = state["params"]
     num_tokens = jnp.maximum(jnp.sum(targets_and_mask(batch["tokens"], batch["segment_ids"])[1]), 1.0)
-    grad_fn = jax.value_and_grad(lambda p, b, w: batch_loss(cfg, p, b, num_tokens, w), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, w: batch_loss(cfg, p, b, num_tokens, w, loss_chunk), has_aux=True)
     if micro_batches == 1:
         (_, stats), grads = grad_fn(params, batch, 1.0)
     else:
@@ -121,7 +147,16 @@ class Trainer:
     Everything is `jax.jit` with explicit in / out shardings; the state is donated.
     """
 
-    def __init__(self, cfg: ModelConfig, tx, lr_fn, mesh: Mesh, micro_batches: int = 1, rules=shd.DEFAULT_RULES):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tx,
+        lr_fn,
+        mesh: Mesh,
+        micro_batches: int = 1,
+        rules=shd.DEFAULT_RULES,
+        loss_chunk: int = 0,
+    ):
         self.cfg, self.tx, self.mesh, self.micro_batches = cfg, tx, mesh, micro_batches
         boxed = jax.eval_shape(functools.partial(_boxed_state, cfg, tx), jax.random.PRNGKey(0))
         self.state_sharding = shd.tree_shardings(boxed, mesh, rules)
@@ -132,7 +167,7 @@ class Trainer:
         replicated = NamedSharding(mesh, PartitionSpec())
         self._init = jax.jit(lambda rng: nn.unbox(_boxed_state(cfg, tx, rng)), out_shardings=self.state_sharding)
         self.step = jax.jit(
-            functools.partial(train_step, cfg, tx, lr_fn, micro_batches),
+            functools.partial(train_step, cfg, tx, lr_fn, micro_batches, loss_chunk=loss_chunk),
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, replicated),
             donate_argnums=0,
