@@ -12,8 +12,9 @@ scanned layers and micro-batches it undercounts) and the analytic model count of
 A step that does not fit is reported as such, with its numbers, and the exit status is 1; a compile
 error (for example an out-of-memory from the compiler) is reported in the JSON with its message.
 
-`moe_impl` / `lightning_impl` "auto" resolve for the *target* (ragged_dot experts; the lightning
-kernel needs a mesh context under SPMD, so the jnp reference is compiled on multi-chip slices).
+`moe_impl` / `lightning_impl` "auto" resolve for the *target* with the model's own resolvers
+(ragged_dot experts; the lightning kernel needs a mesh context under SPMD, so the jnp reference is
+compiled on multi-chip slices).
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ def topology_devices(name: str):
         raise SystemExit(f"error: cannot describe TPU topology {name!r} ({type(e).__name__}: {e})") from None
 
 
-def for_target(cfg, platform: str = "tpu"):
+def for_target(cfg, seq_len: int, chips: int, platform: str = "tpu"):
     """Resolve the "auto" implementations for the target rather than for this (CPU) machine."""
-    moe = cfg.moe_impl if cfg.moe_impl != "auto" else ("tiled" if platform == "cpu" else "ragged")
-    return cfg.replace(moe_impl=moe, lightning_impl="reference" if cfg.lightning_impl == "auto" else cfg.lightning_impl)
+    from m1jax.kernels import resolve_lightning_impl
+    from m1jax.moe import resolve_impl
+
+    lightning = resolve_lightning_impl(cfg.lightning_impl, seq_len, platform, devices=chips)
+    return cfg.replace(moe_impl=resolve_impl(cfg.moe_impl, platform), lightning_impl=lightning)
 
 
 def memory_report(compiled, device_kind: str) -> dict:
@@ -96,11 +100,10 @@ def pretrain_step(c, cfg, mesh, device_kind: str) -> dict:
     import jax.numpy as jnp
 
     from m1jax.train import flops as flops_lib
-    from m1jax.train import optim
+    from m1jax.train.loop import make_optimizer
     from m1jax.train.step import Trainer
 
-    lr = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
-    tx = optim.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    lr, tx = make_optimizer(c)
     tr = Trainer(cfg, tx, lr, mesh, c.micro_batches, loss_chunk=c.loss_chunk)
     batch = {
         k: jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32, sharding=tr.batch_sharding)
@@ -121,8 +124,6 @@ def pretrain_step(c, cfg, mesh, device_kind: str) -> dict:
 def cispo_step(c, cfg, mesh, device_kind: str, prompt_len: int) -> dict:
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from m1jax.train import flops as flops_lib
     from m1jax.train import optim
@@ -143,8 +144,7 @@ def cispo_step(c, cfg, mesh, device_kind: str, prompt_len: int) -> dict:
         micro_batches=c.micro_batches,
     )
     b, n = c.batch_size, c.seq_len - prompt_len
-    rows = tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1) or None
-    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P(rows)))  # noqa: E731
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=tr.row_sharding(len(shape)))  # noqa: E731
     mb = {
         "prompt": sds((b, prompt_len), jnp.int32),
         "prompt_lengths": sds((b,), jnp.int32),
@@ -170,12 +170,15 @@ def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
     from m1jax.summary import param_counts
     from m1jax.train import config as tc
 
-    cfg = for_target(tc.validate(c))
     devices = topology_devices(topology)
+    cfg = for_target(tc.validate(c), c.seq_len, len(devices))
     mesh = shd.mesh_from_config(dict(c.mesh), list(devices))
     if mesh.size != len(devices):
         raise SystemExit(f"error: mesh {dict(mesh.shape)} uses {mesh.size} of the {len(devices)} chips of {topology}")
     tc.check_batch_layout(c, dict(mesh.shape))
+    prompt = rl_prompt_len or c.seq_len // 4
+    if step in ("cispo", "both") and not 0 < prompt < c.seq_len:  # checked before anything compiles
+        raise SystemExit(f"error: --rl_prompt_len={prompt} must lie in (0, seq_len={c.seq_len})")
     kind = devices[0].device_kind
     counts = param_counts(cfg)
     report = {
@@ -192,9 +195,6 @@ def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
     if step in ("pretrain", "both"):
         report["pretrain"] = pretrain_step(c, cfg, mesh, kind)
     if step in ("cispo", "both"):
-        prompt = rl_prompt_len or c.seq_len // 4
-        if not 0 < prompt < c.seq_len:
-            raise SystemExit(f"error: --rl_prompt_len={prompt} must lie in (0, seq_len={c.seq_len})")
         report["cispo"] = cispo_step(c, cfg, mesh, kind, prompt)
     steps = [report[s] for s in ("pretrain", "cispo") if s in report]
     report["fits"] = None if any(s["fits"] is None for s in steps) else all(s["fits"] for s in steps)

@@ -212,10 +212,11 @@ expert_tiles.defvjp(_expert_tiles_fwd, _expert_tiles_bwd)
 _IMPLS = {"dense": experts_dense, "tiled": experts_tiled, "ragged": experts_ragged}
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """ "auto" -> tiled loops on CPU, ragged_dot on accelerators (`platform`: default the backend's)."""
     if impl != "auto":
         return impl
-    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+    return "tiled" if (platform or jax.default_backend()) == "cpu" else "ragged"
 
 
 class MoE(nn.Module):

@@ -156,11 +156,10 @@ class RLTrainer:
     def init(self, rng):
         return self._init(rng)
 
+    def row_sharding(self, ndim: int) -> NamedSharding:
+        """Sharding of a row-aligned [B, ...] array: rows over the data-parallel axes."""
+        return NamedSharding(self.mesh, nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), self.rules))
+
     def shard_rows(self, arrays: dict) -> dict:
         """Host arrays [B, ...] (the global batch, same on every process) -> row-sharded global arrays."""
-
-        def put(x):
-            spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (x.ndim - 1), self.rules)
-            return jax.device_put(x, NamedSharding(self.mesh, spec))
-
-        return {k: put(v) for k, v in arrays.items()}
+        return {k: jax.device_put(v, self.row_sharding(v.ndim)) for k, v in arrays.items()}

@@ -59,11 +59,10 @@ def chunked_nll_sum(cfg: ModelConfig, params, hidden, targets, mask, chunk: int)
 def batch_loss(cfg: ModelConfig, params, batch, num_tokens, aux_weight=1.0, loss_chunk: int = 0):
     """Sum of masked NLL / num_tokens + aux_weight * coef * router loss. Returns (loss, stats).
     loss_chunk > 0 (dividing T) computes the head and cross entropy that many tokens at a time."""
-    t = batch["tokens"].shape[1]
-    chunked = 0 < loss_chunk < t
     tokens, segs = batch["tokens"], batch["segment_ids"]
+    chunked = 0 < loss_chunk < tokens.shape[1]
     out, aux, _ = M1Model(cfg).apply({"params": params}, tokens, segs, hidden=chunked, method=M1Model.run)
-    targets, mask = targets_and_mask(batch["tokens"], batch["segment_ids"])
+    targets, mask = targets_and_mask(tokens, segs)
     if chunked:
         nll_sum = chunked_nll_sum(cfg, params, out, targets, mask, loss_chunk)
     else:
