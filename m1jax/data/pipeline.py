@@ -8,6 +8,10 @@ user's text / jsonl / parquet files or a hub dataset) and cached in the workdir 
 document longer than a row continues in the next row (as a new segment). Segment ids number the
 documents of a row 1, 2, ...; 0 marks padding. Its position (epoch, document, offset) is a small
 dict saved with every checkpoint, so a resumed run sees exactly the batches it would have seen.
+
+With several processes each packs only its own rows: every process draws the same per-epoch
+permutation and shard i of n takes its documents i, i+n, i+2n, ... (disjoint shards that together
+cover the corpus every epoch). One shard (n = 1) is exactly the unsharded packer.
 """
 
 from __future__ import annotations
@@ -104,25 +108,67 @@ class Packer:
 
     `next_batch()` -> {"tokens": [B, T] int32, "segment_ids": [B, T] int32}. `state` / `restore`
     give and set the position (a JSON-able dict). `shuffle=False` keeps corpus order (eval).
+    `shard` / `num_shards`: pack only documents shard, shard + num_shards, ... of each epoch's order
+    (one process's share of the global batch; `batch_size` is then the rows of this shard).
     """
 
-    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        corpus: Corpus,
+        seq_len: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shard: int = 0,
+        num_shards: int = 1,
+    ):
         if len(corpus) == 0:
             raise ValueError("cannot pack an empty corpus")
+        _check_shard(shard, num_shards, len(corpus))
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.seed, self.shuffle = seed, shuffle
+        self.shard, self.num_shards = shard, num_shards
         self.epoch, self.index, self.offset = 0, 0, 0
         self._order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
+        """This shard's documents of `epoch`, in packing order ([ceil or floor of D / num_shards])."""
         n = len(self.corpus)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        # The permutation depends only on (seed, epoch), so every process slices the same one.
+        return order[self.shard :: self.num_shards]
 
     @property
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "offset": self.offset, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "offset": self.offset,
+            "seed": self.seed,
+            "shard": self.shard,
+            "num_shards": self.num_shards,
+        }
 
-    def restore(self, state: dict[str, int]) -> None:
+    def restore(self, state: dict) -> None:
+        """Set the position from `state`: this packer's own `state`, a {"shards": [state of shard 0,
+        1, ...]} dict of every process (entry `shard` is used), or a state saved before sharding
+        existed (no shard fields: shard 0 of 1). Raises ValueError when it belongs to another
+        shard layout (process count) or seed."""
+        if "shards" in state:
+            shards = state["shards"]
+            if len(shards) != self.num_shards:
+                raise ValueError(
+                    f"data state was saved by {len(shards)} process(es), this run has {self.num_shards}: "
+                    "each process's data position cannot be split differently; resume with the same process count"
+                )
+            state = shards[self.shard]
+        saved = (int(state.get("shard", 0)), int(state.get("num_shards", 1)))
+        if saved != (self.shard, self.num_shards):
+            raise ValueError(
+                f"data state belongs to shard {saved[0]} of {saved[1]} (process count {saved[1]}), this packer "
+                f"is shard {self.shard} of {self.num_shards}; resume with the same process count"
+            )
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, the config has seed {self.seed}")
         self.epoch, self.index, self.offset = int(state["epoch"]), int(state["index"]), int(state["offset"])
@@ -147,7 +193,7 @@ class Packer:
             if self.offset == len(doc):
                 self.offset = 0
                 self.index += 1
-                if self.index == len(self.corpus):
+                if self.index == len(self._order):  # this shard's share of the epoch is done
                     self.epoch, self.index = self.epoch + 1, 0
                     self._order = self._epoch_order(self.epoch)
         return tokens, segs
@@ -155,6 +201,18 @@ class Packer:
     def next_batch(self) -> dict[str, np.ndarray]:
         rows = [self._row() for _ in range(self.batch_size)]
         return {"tokens": np.stack([r[0] for r in rows]), "segment_ids": np.stack([r[1] for r in rows])}
+
+
+def _check_shard(shard: int, num_shards: int, num_docs: int) -> None:
+    """ValueError unless 0 <= shard < num_shards <= num_docs (every shard gets documents)."""
+    if not (isinstance(shard, int | np.integer) and isinstance(num_shards, int | np.integer)):
+        raise ValueError(f"shard={shard!r} and num_shards={num_shards!r} must be integers")
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard={shard} must lie in [0, num_shards={num_shards}) with num_shards >= 1")
+    if num_shards > num_docs:
+        raise ValueError(
+            f"num_shards={num_shards} exceeds the corpus's {num_docs} documents: some shards would be empty"
+        )
 
 
 def loss_mask(segment_ids):

@@ -2,7 +2,8 @@
 
 Re-running with the same workdir resumes from the newest readable checkpoint (state and data
 position), so the loss curve continues exactly. SIGTERM / SIGINT (preemption) finishes the
-current step, saves a checkpoint at it and returns.
+current step, saves a checkpoint at it and returns. Each process packs only its own rows of every
+batch (its shard of the corpus); checkpoints hold every process's data position.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from m1jax import sharding as shd
 from m1jax.data import tasks as task_lib
@@ -54,8 +56,25 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
+def _shard_packer(corpus, c, **kwargs) -> Packer:
+    """This process's packer: its `batch_size / processes` rows of every batch from its corpus shard."""
+    n = jax.process_count()
+    return Packer(corpus, c.seq_len, c.batch_size // n, shard=jax.process_index(), num_shards=n, **kwargs)
+
+
+def gather_data_state(packer: Packer) -> dict:
+    """{"shards": [packer state of process 0, 1, ...]}, the same on every process: only the
+    primary process writes the checkpoint's JSON, so it must hold every process's position.
+    A collective: every process calls it at the same step (as it does `Checkpointer.save`)."""
+    local = packer.state
+    pos = np.asarray([local["epoch"], local["index"], local["offset"]], np.int32)  # small counts: int32 is ample
+    every = np.asarray(multihost_utils.process_allgather(pos)).reshape(packer.num_shards, 3)
+    shards = [dict(local, shard=i, epoch=int(e), index=int(d), offset=int(o)) for i, (e, d, o) in enumerate(every)]
+    return {"shards": shards}
+
+
 def _eval_loss(trainer: Trainer, params, corpus, c) -> float:
-    packer = Packer(corpus, c.seq_len, c.batch_size, shuffle=False)  # the same rows every time
+    packer = _shard_packer(corpus, c, shuffle=False)  # the same rows every time
     total, count = 0.0, 0.0
     for _ in range(c.eval_batches):
         s, n = jax.device_get(trainer.eval(params, trainer.put_batch(packer.next_batch())))
@@ -105,7 +124,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     check_batch_layout(c, dict(mesh.shape), n_proc)
     train_corpus = load_corpus(c.data, tokenizer, workdir, "train")
     eval_corpus = load_corpus(c.data, tokenizer, workdir, "eval")
-    packer = Packer(train_corpus, c.seq_len, c.batch_size, seed=c.data.seed)
+    packer = _shard_packer(train_corpus, c, seed=c.data.seed)
 
     lr_fn, tx = make_optimizer(c)
     trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches, loss_chunk=c.loss_chunk)
@@ -116,20 +135,14 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         state, start = trainer.init(jax.random.PRNGKey(c.seed)), 0
     else:
         start, state, data_state = restored
-        packer.restore(data_state)
+        packer.restore(data_state)  # this process's entry; a different process count is an error
         log.info(f"resumed from step {start} ({ckpt.directory})")
     writer = MetricWriter(workdir, resume_step=start if restored else None)
 
     fpt = flops_lib.train_flops_per_token(cfg, c.seq_len)
     peak = flops_lib.peak_flops_per_device(override_tflops=c.peak_tflops)
-    rows_per_proc = c.batch_size // n_proc
     tokens_per_step = c.batch_size * c.seq_len
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
-
-    def host_batch():  # every process packs the global batch and keeps its own rows
-        b = packer.next_batch()
-        i = jax.process_index()
-        return {k: v[i * rows_per_proc : (i + 1) * rows_per_proc] for k, v in b.items()}
 
     bar = None
     if progress:
@@ -140,7 +153,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     t_log, steps_since, pending = time.perf_counter(), 0, None
     with _stop_on_signals() as flag:
         while step < min(c.steps, stop_at or c.steps) and flag["signal"] is None:
-            state, metrics = trainer.step(state, trainer.put_batch(host_batch()))
+            state, metrics = trainer.step(state, trainer.put_batch(packer.next_batch()))
             step += 1
             steps_since += 1
             # Read the previous step's metrics while this one runs (keeps the device busy).
@@ -168,7 +181,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             if step % c.eval_every == 0 or step == c.steps:
                 writer.write(step, {"eval_loss": _eval_loss(trainer, state["params"], eval_corpus, c)})
             if step % c.checkpoint_every == 0 and step < c.steps:
-                ckpt.save(step, state, packer.state)
+                ckpt.save(step, state, gather_data_state(packer))
             if bar is not None:
                 bar.update(1)
         if pending is not None:
@@ -176,7 +189,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     if bar is not None:
         bar.close()
 
-    ckpt.save(step, state, packer.state, force=True, wait=True)
+    ckpt.save(step, state, gather_data_state(packer), force=True, wait=True)
     ckpt.close()
     summary.update(end_step=step, last_loss=last_loss, checkpoints=ckpt.steps())
     if step < c.steps:
