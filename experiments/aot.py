@@ -13,8 +13,8 @@ A step that does not fit is reported as such, with its numbers, and the exit sta
 error (for example an out-of-memory from the compiler) is reported in the JSON with its message.
 
 `moe_impl` / `lightning_impl` "auto" resolve for the *target* with the model's own resolvers
-(ragged_dot experts; the lightning kernel needs a mesh context under SPMD, so the jnp reference is
-compiled on multi-chip slices).
+(ragged_dot experts; the Mosaic lightning kernel, run per shard since the steps trace under the
+mesh).
 """
 
 from __future__ import annotations
@@ -53,12 +53,15 @@ def topology_devices(name: str):
         raise SystemExit(f"error: cannot describe TPU topology {name!r} ({type(e).__name__}: {e})") from None
 
 
-def for_target(cfg, seq_len: int, chips: int, platform: str = "tpu"):
-    """Resolve the "auto" implementations for the target rather than for this (CPU) machine."""
+def for_target(cfg, seq_len: int, mesh, platform: str = "tpu"):
+    """Resolve the "auto" implementations for the target rather than for this (CPU) machine, as
+    the steps trace: under the mesh (so the lightning kernel runs per shard)."""
+    from m1jax import parallel
     from m1jax.kernels import resolve_lightning_impl
     from m1jax.moe import resolve_impl
 
-    lightning = resolve_lightning_impl(cfg.lightning_impl, seq_len, platform, devices=chips)
+    with parallel.mesh_context(mesh):
+        lightning = resolve_lightning_impl(cfg.lightning_impl, seq_len, platform, devices=mesh.size)
     return cfg.replace(moe_impl=resolve_impl(cfg.moe_impl, platform), lightning_impl=lightning)
 
 
@@ -171,10 +174,10 @@ def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
     from m1jax.train import config as tc
 
     devices = topology_devices(topology)
-    cfg = for_target(tc.validate(c), c.seq_len, len(devices))
     mesh = shd.mesh_from_config(dict(c.mesh), list(devices))
     if mesh.size != len(devices):
         raise SystemExit(f"error: mesh {dict(mesh.shape)} uses {mesh.size} of the {len(devices)} chips of {topology}")
+    cfg = for_target(tc.validate(c), c.seq_len, mesh)
     tc.check_batch_layout(c, dict(mesh.shape))
     prompt = rl_prompt_len or c.seq_len // 4
     if step in ("cispo", "both") and not 0 < prompt < c.seq_len:  # checked before anything compiles

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from m1jax import parallel
 from m1jax.config import ModelConfig
 from m1jax.kernels.softmax import flash_attention
 from m1jax.layers import Context, apply_rope, param, project
+from m1jax.parallel import sequence as sequence_parallel
 
 _F32 = jnp.float32
 
@@ -88,7 +90,11 @@ class SoftmaxAttention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
         else:
             t = x.shape[1]
-            out = flash_attention(q, k, v, ctx.runs)
+            mesh = parallel.active_mesh(c, parallel.SEQUENCE)
+            if mesh is None:
+                out = flash_attention(q, k, v, ctx.runs)
+            else:  # keys / values all-gathered over "sequence"
+                out = sequence_parallel.softmax(q, k, v, runs=ctx.runs, mesh=mesh)
             if self.mode == "prefill":
                 pad = [(0, 0), (0, self.max_len - t), (0, 0), (0, 0)]
                 new_cache = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}

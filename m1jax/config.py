@@ -20,6 +20,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "dense", "tiled", "ragged")
 LIGHTNING_IMPLS = ("auto", "reference", "pallas_tpu", "pallas_gpu")  # see m1jax.kernels.lightning_attention
+PARALLEL_IMPLS = ("shard_map", "gspmd")  # see m1jax.parallel
 M1_ALPHA = (2 * 80) ** 0.25  # DeepNorm alpha = (2N)^(1/4), N = 80 layers
 
 
@@ -64,6 +65,10 @@ class ModelConfig:
     remat: str = "full"  # per-layer rematerialisation policy, one of REMAT_POLICIES
     moe_impl: str = "auto"  # auto: tiled on CPU, ragged_dot on accelerators
     lightning_impl: str = "auto"  # auto: the Pallas kernel on TPU/GPU, the jnp reference on CPU
+    # On a mesh with "expert" / "sequence" axes: "shard_map" runs all-to-all expert dispatch and
+    # LASP-2 / all-gathered-KV sequence parallelism (m1jax.parallel); "gspmd" leaves it to XLA.
+    parallel_impl: str = "shard_map"
+    moe_capacity_factor: float = 0.0  # expert all-to-all buffer per shard; 0: dropless (worst case)
 
     def __post_init__(self):
         if isinstance(self.attn_type_list, list):
@@ -142,7 +147,14 @@ def _validate(c: ModelConfig) -> None:
         bad("dtype", f"must be 'auto' or one of {sorted(_DTYPES)}")
     if c.param_dtype not in _DTYPES:
         bad("param_dtype", f"must be one of {sorted(_DTYPES)}")
-    for f, allowed in (("remat", REMAT_POLICIES), ("moe_impl", MOE_IMPLS), ("lightning_impl", LIGHTNING_IMPLS)):
+    if not (c.moe_capacity_factor >= 0 and math.isfinite(c.moe_capacity_factor)):
+        bad("moe_capacity_factor", "must be 0 (dropless) or a positive finite number")
+    for f, allowed in (
+        ("remat", REMAT_POLICIES),
+        ("moe_impl", MOE_IMPLS),
+        ("lightning_impl", LIGHTNING_IMPLS),
+        ("parallel_impl", PARALLEL_IMPLS),
+    ):
         if getattr(c, f) not in allowed:
             bad(f, f"must be one of {list(allowed)}")
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from m1jax import parallel
 from m1jax.config import ModelConfig
 from m1jax.kernels import lightning_attention
 from m1jax.kernels.lightning import decode_step
 from m1jax.layers import Context, RMSNorm, param, project
+from m1jax.parallel import sequence as sequence_parallel
 
 
 class LightningAttention(nn.Module):
@@ -40,6 +42,9 @@ class LightningAttention(nn.Module):
         if self.mode == "decode":
             o, state = decode_step(q[:, 0], k[:, 0], v[:, 0], slopes, cache["state"])
             o = o[:, None]
+        elif (mesh := parallel.active_mesh(c, parallel.SEQUENCE)) is not None:  # LASP-2 over "sequence"
+            kw = dict(runs=ctx.runs, impl=c.lightning_impl, block_size=c.block_size, mesh=mesh)
+            o, state = sequence_parallel.lightning(q, k, v, slopes, **kw)
         else:
             o, state = lightning_attention(
                 q, k, v, slopes, segment_ids=ctx.runs, impl=c.lightning_impl, block_size=c.block_size

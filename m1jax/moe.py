@@ -18,8 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m1jax import parallel
 from m1jax.config import ModelConfig
 from m1jax.layers import param
+from m1jax.parallel import expert as expert_parallel
 
 _F32 = jnp.float32
 
@@ -236,10 +238,19 @@ class MoE(nn.Module):
         w2 = param(self, "w2", (e, f, d), ("expert", "mlp", "embed"), init, pdt)  # down
 
         b, t, _ = x.shape
-        xf = x.reshape(b * t, d)
-        probs, weights, ids = route(xf, w_router, c.num_experts_per_tok)
         impl = _IMPLS[resolve_impl(c.moe_impl)]
-        y = impl(xf.astype(dt), weights, ids, w1.astype(dt), w3.astype(dt), w2.astype(dt))
+        w1, w3, w2 = w1.astype(dt), w3.astype(dt), w2.astype(dt)
+        mesh = parallel.active_mesh(c, parallel.EXPERT)
+        if mesh is None:
+            xf = x.reshape(b * t, d)
+            probs, weights, ids = route(xf, w_router, c.num_experts_per_tok)
+            y = impl(xf.astype(dt), weights, ids, w1, w3, w2)
+        else:  # all-to-all over the expert axis; [B, T] stay as sharded
+            probs, weights, ids = route(x, w_router, c.num_experts_per_tok)
+            y = expert_parallel.experts(
+                x.astype(dt), weights, ids, w1, w3, w2, expert_fn=impl, mesh=mesh, capacity_factor=c.moe_capacity_factor
+            )
+            probs, ids = probs.reshape(b * t, e), ids.reshape(b * t, -1)
 
         vf = valid.reshape(-1).astype(_F32)
         counts = jnp.zeros((e,), _F32).at[ids.reshape(-1)].add(jnp.repeat(vf, ids.shape[1]))

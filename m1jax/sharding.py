@@ -19,12 +19,14 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 
 # Tensor parallelism over heads / expert FFN width / vocabulary, FSDP over the model width,
 # expert parallelism over experts, sequence parallelism over the tokens of a row ("length");
-# the scanned layer axis stays whole.
+# the scanned layer axis stays whole. Parameters (and their optimizer moments) are also split
+# over "sequence" along the model width, FSDP-style: the sequence shards of a row would
+# otherwise each hold a full copy.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", "sequence"),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

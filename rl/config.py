@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_samples = 4  # sampled responses per held-out prompt for eval_sampled_accuracy (0: greedy only)
     c.checkpoint_every = 25
     c.keep_checkpoints = 3
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, "sequence": 1})
     return c
 
 

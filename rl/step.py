@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from m1jax import parallel
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
 from m1jax.model import M1Model
@@ -145,7 +146,7 @@ class RLTrainer:
         replicated = NamedSharding(mesh, PartitionSpec())
         step = functools.partial(update_step, cfg, tx, loss, loss_kw, temperature, kl_coef, aux, micro_batches)
         self.update = jax.jit(
-            step,
+            parallel.traced_under(mesh, step),  # expert / sequence collectives see the mesh
             in_shardings=(self.state_sharding, None),
             out_shardings=(self.state_sharding, replicated),
             donate_argnums=0,

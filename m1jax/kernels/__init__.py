@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from m1jax.kernels import lightning as _lightning
-from m1jax.kernels.lightning.partition import context_mesh, shardable
+from m1jax.kernels.lightning.partition import shardable
+from m1jax.parallel import context_mesh, inside_shard_map
 
 LIGHTNING_IMPLS = ("auto", "reference", "recurrent", "pallas_tpu", "pallas_gpu")
 # Below this length a kernel launch does not pay off over the jnp blocked form.
@@ -27,7 +28,7 @@ def resolve_lightning_impl(
     if t is not None and t < MIN_KERNEL_LENGTH:
         return "reference"
     devices = jax.device_count() if devices is None else devices
-    if platform == "tpu" and devices > 1 and context_mesh() is None:
+    if platform == "tpu" and devices > 1 and context_mesh() is None and not inside_shard_map():
         return "reference"  # Mosaic needs shard_map, which needs the mesh: see kernels/lightning/partition.py
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "reference")
 

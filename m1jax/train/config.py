@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_field = "text"
     c.data.tokenizer = "byte"  # or a tokenizers JSON file
     # Mesh: axis sizes; -1 takes all remaining devices. One device by default.
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, "sequence": 1})
     return c
 
 
@@ -138,5 +138,8 @@ def check_batch_layout(c: ml_collections.ConfigDict, mesh_shape: dict, num_proce
             f"config.batch_size={c.batch_size} / micro_batches={c.micro_batches} is not divisible by the "
             f"{dp} batch-parallel devices of mesh {dict(mesh_shape)}"
         )
+    seq = int(mesh_shape.get("sequence", 1))
+    if c.seq_len % seq:
+        raise ValueError(f"config.seq_len={c.seq_len} is not divisible by the sequence mesh axis ({seq})")
     if c.batch_size % num_processes:
         raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the {num_processes} processes")

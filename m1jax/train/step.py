@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from m1jax import parallel
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
 from m1jax.data.pipeline import loss_mask
@@ -166,13 +167,15 @@ class Trainer:
         replicated = NamedSharding(mesh, PartitionSpec())
         self._init = jax.jit(lambda rng: nn.unbox(_boxed_state(cfg, tx, rng)), out_shardings=self.state_sharding)
         self.step = jax.jit(
-            functools.partial(train_step, cfg, tx, lr_fn, micro_batches, loss_chunk=loss_chunk),
+            parallel.traced_under(
+                mesh, functools.partial(train_step, cfg, tx, lr_fn, micro_batches, loss_chunk=loss_chunk)
+            ),
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, replicated),
             donate_argnums=0,
         )
         self.eval = jax.jit(
-            functools.partial(eval_step, cfg),
+            parallel.traced_under(mesh, functools.partial(eval_step, cfg)),
             in_shardings=(self.state_sharding["params"], self.batch_sharding),
             out_shardings=replicated,
         )

@@ -23,6 +23,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from m1jax.parallel import context_mesh
+
 
 def _batch_head_specs(sharding, segmented: bool):
     spec = tuple(getattr(sharding, "spec", ())) + (None, None)
@@ -63,12 +65,6 @@ def _shardable(core, segmented: bool):
         need_replication_factors=("t", "k", "v"),
     )
     return fn
-
-
-def context_mesh():
-    """The abstract mesh of the enclosing `jax.set_mesh`, or None when there is none (or 1 device)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh is None or mesh.empty or mesh.size == 1 else mesh
 
 
 def _shard_map_specs(mesh, b: int, h: int):
