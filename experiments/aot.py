@@ -12,7 +12,7 @@ scanned layers and micro-batches it undercounts) and the analytic model count of
 A step that does not fit is reported as such, with its numbers, and the exit status is 1; a compile
 error (for example an out-of-memory from the compiler) is reported in the JSON with its message.
 
-`moe_impl` / `lightning_impl` "auto" resolve for the *target* with the model's own resolvers
+`dtype` / `moe_impl` / `lightning_impl` "auto" resolve for the *target* with the model's own resolvers
 (ragged_dot experts; the Mosaic lightning kernel, run per shard since the steps trace under the
 mesh).
 """
@@ -62,7 +62,8 @@ def for_target(cfg, seq_len: int, mesh, platform: str = "tpu"):
 
     with parallel.mesh_context(mesh):
         lightning = resolve_lightning_impl(cfg.lightning_impl, seq_len, platform, devices=mesh.size)
-    return cfg.replace(moe_impl=resolve_impl(cfg.moe_impl, platform), lightning_impl=lightning)
+    dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype  # "auto" is bf16 on accelerators (fp32 here)
+    return cfg.replace(moe_impl=resolve_impl(cfg.moe_impl, platform), lightning_impl=lightning, dtype=dtype)
 
 
 def memory_report(compiled, device_kind: str) -> dict:
@@ -190,6 +191,8 @@ def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
         "device_kind": kind,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "remat": cfg.remat,
+        "dtype": cfg.dtype,
+        "moe_capacity_factor": cfg.moe_capacity_factor,
         "moe_impl": cfg.moe_impl,
         "lightning_impl": cfg.lightning_impl,
         "params_total": counts["total"],

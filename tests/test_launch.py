@@ -84,3 +84,20 @@ def test_aot_compiles_small_config_for_v5p():
     with pytest.raises(SystemExit, match="uses 2 of the 4 chips"):
         c.mesh.update(fsdp=1)
         aot.run(c, "v5p:2x2x1", "pretrain")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the tpu extra)")
+def test_aot_compiles_expert_and_sequence_parallel_steps_for_v5p():
+    """The explicit collectives compile for TPU: expert all-to-all and LASP-2 with the Mosaic
+    lightning kernel per shard (resolved for the target, with bf16 compute)."""
+    from experiments import aot
+    from m1jax.train import config as tc
+
+    c = tc.base_config()
+    c.model.update(preset="tiny", vocab_size=96, num_local_experts=4, moe_capacity_factor=1.5, dtype="auto")
+    c.update(batch_size=4, seq_len=512)
+    c.mesh.update(expert=2, sequence=2)
+    r = aot.run(c, "v5p:2x2x1", "both", rl_prompt_len=128)
+    assert r["mesh"]["expert"] == 2 and r["mesh"]["sequence"] == 2
+    assert r["lightning_impl"] == "pallas_tpu" and r["dtype"] == "bfloat16" and r["moe_capacity_factor"] == 1.5
+    assert all(r[s]["compiled"] and r[s]["fits"] for s in ("pretrain", "cispo")), r
