@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from m1jax import config, moe, parallel
 from m1jax import sharding as shd
 from m1jax.kernels import lightning_attention
+from m1jax.kernels.lightning import run_ids
 from m1jax.kernels.softmax import flash_attention
 from m1jax.parallel import expert, sequence
 
@@ -195,7 +196,7 @@ def test_lasp2_equals_recurrence(shape, segments):
     t = n * shard
     q, k, v, h0, w = _lightning_inputs(t)
     seg = _segments(t, shard, segments)
-    runs = None if seg is None else parallel_runs(seg)
+    runs = None if seg is None else run_ids(seg)
     mesh = shd.make_mesh(shape)
 
     def par(q, k, v, h0):
@@ -219,12 +220,6 @@ def test_lasp2_equals_recurrence(shape, segments):
     got_g, want_g = _under(mesh, loss(par))(q, k, v, h0), loss(ref)(q, k, v, h0)
     for name, g, r in zip("q k v h0".split(), got_g, want_g, strict=True):
         assert rel_rms(g, r) <= 1e-5, name
-
-
-def parallel_runs(seg):
-    from m1jax.kernels.lightning import run_ids
-
-    return run_ids(seg)
 
 
 def test_lasp2_gathers_states_not_tokens():
@@ -259,7 +254,7 @@ def test_sequence_parallel_softmax_equals_flash(shape, segments):
     k, v = (jax.random.normal(kk, (2, t, 2, 16)) for kk in ks[1:3])
     w = jax.random.normal(ks[3], (2, t, 4, 16))
     seg = _segments(t, shard, segments)
-    runs = None if seg is None else parallel_runs(seg)
+    runs = None if seg is None else run_ids(seg)
     mesh = shd.make_mesh(shape)
 
     def par(q, k, v):

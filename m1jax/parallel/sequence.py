@@ -55,8 +55,8 @@ def lightning(q, k, v, slopes, *, runs=None, initial_state=None, impl="auto", bl
         seg = runs if segmented else None
         out, m = lightning_attention(q, k, v, slopes, segment_ids=seg, impl=impl, block_size=block_size)
         s_in, final = _incoming_states(m, h0, slopes, runs, q.shape[1])
-        lam = jnp.exp(-slopes.astype(_F32))  # [H]
-        decay = lam[None, :] ** (jnp.arange(q.shape[1], dtype=_F32) + 1)[:, None]  # [L, H]: lambda^(i+1)
+        steps = jnp.arange(1, q.shape[1] + 1, dtype=_F32)[:, None]
+        decay = jnp.exp(-slopes.astype(_F32)[None, :] * steps)  # [L, H]: lambda^(i+1)
         first_doc = (runs == runs[:, :1])[..., None, None]  # [B, L, 1, 1]: tokens that see S_in
         extra = jnp.einsum("bthk,bhkv->bthv", q.astype(_F32), s_in, precision=jax.lax.Precision.HIGHEST)
         out = out.astype(_F32) + jnp.where(first_doc, decay[None, :, :, None] * extra, 0.0)
@@ -100,7 +100,7 @@ def softmax(q, k, v, *, runs=None, mesh=None):
     block = length & -length  # the largest power of two dividing the shard, capped by the kernel's block
     rows = parallel.batch_spec(mesh, b)
     tensor = parallel.divides(mesh, parallel.TENSOR, g)  # heads split only with whole kv groups
-    qs, kvs = P(rows, SEQ, tensor, None), P(rows, SEQ, tensor, None)
+    heads = P(rows, SEQ, tensor, None)  # q [B, T, H, D] and k / v [B, T, G, D] alike
     segmented = runs is not None
     runs = jnp.zeros((b, t), jnp.int32) if runs is None else runs.astype(jnp.int32)
 
@@ -111,5 +111,5 @@ def softmax(q, k, v, *, runs=None, mesh=None):
         qr = runs if segmented else None
         return flash_attention(q, gather(k), gather(v), kr, block=min(block, 256), q_offset=offset, q_runs=qr)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, P(rows, SEQ)), out_specs=qs, check_vma=False)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, P(rows, SEQ)), out_specs=heads, check_vma=False)
     return fn(q, k, v, runs)
