@@ -42,6 +42,10 @@ def main(argv) -> None:
         print(f"stopped by {summary['stopped_by']} at step {summary['end_step']}; checkpoint saved in {_WORKDIR.value}")
         return
     print(f"trained to step {summary['end_step']}: loss {summary['last_loss']:.4f}; workdir {_WORKDIR.value}")
+    import jax
+
+    if jax.process_index() != 0:  # the samples are the same on every process: shown once, by the first
+        return
     for r in summary.get("samples", [])[:6]:
         mark = "ok " if r["reward"] == 1.0 else "bad"
         print(f"[{mark}] {r['prompt'].strip()}  ->  {r['completion'].strip()}   (answer {r['answer']})")

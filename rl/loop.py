@@ -25,7 +25,7 @@ from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
 from m1jax.train.config import base_config as pretrain_base
 from m1jax.train.config import model_config
-from m1jax.train.loop import _stop_on_signals, make_optimizer
+from m1jax.train.loop import _stop_on_signals, make_optimizer, stop_requested
 from m1jax.train.metrics import MetricWriter
 from m1jax.train.step import Trainer
 from rl import advantages as adv_lib
@@ -187,7 +187,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         bar = tqdm(total=c.steps, initial=start, desc=f"rl:{c.loss}", unit="step", dynamic_ncols=True)
     step, last_eval = start, None
     with _stop_on_signals() as flag:
-        while step < min(c.steps, stop_at or c.steps) and flag["signal"] is None:
+        while step < min(c.steps, stop_at or c.steps) and stop_requested(flag) is None:
             row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step)
             state = row.pop("state")
             step += 1

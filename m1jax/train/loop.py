@@ -3,7 +3,10 @@
 Re-running with the same workdir resumes from the newest readable checkpoint (state and data
 position), so the loss curve continues exactly. SIGTERM / SIGINT (preemption) finishes the
 current step, saves a checkpoint at it and returns. Each process packs only its own rows of every
-batch (its shard of the corpus); checkpoints hold every process's data position.
+batch (its shard of the corpus); checkpoints hold every process's data position. In a multi-host
+run every process works in the same workdir (a shared filesystem): only process 0 writes
+config.json, metrics.jsonl, TensorBoard events and samples.jsonl, and it builds the corpus cache
+before the others read it.
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
+def stop_requested(flag) -> str | None:
+    """The stop signal if any process got one, else None. With several processes they agree (one
+    tiny all-gather per step), so all leave the step loop at the same step and save the checkpoint
+    together: a process stopping alone would wait in the save's collectives while the others wait
+    in the next step's."""
+    if jax.process_count() > 1:
+        anyone = np.any(multihost_utils.process_allgather(np.int32(flag["signal"] is not None)))
+        if anyone and flag["signal"] is None:
+            flag["signal"] = "signal on another process"
+    return flag["signal"]
+
+
 def _shard_packer(corpus, c, **kwargs) -> Packer:
     """This process's packer: its `batch_size / processes` rows of every batch from its corpus shard."""
     n = jax.process_count()
@@ -71,6 +86,19 @@ def gather_data_state(packer: Packer) -> dict:
     every = np.asarray(multihost_utils.process_allgather(pos)).reshape(packer.num_shards, 3)
     shards = [dict(local, shard=i, epoch=int(e), index=int(d), offset=int(o)) for i, (e, d, o) in enumerate(every)]
     return {"shards": shards}
+
+
+def _load_corpora(c, tokenizer, workdir: str):
+    """(train, eval) corpora. Process 0 tokenises and caches them first, the others then read its
+    cache: concurrent writers of the same cache file (and of the datasets cache under it) race.
+    Without a shared filesystem the others just build their own (one barrier later)."""
+    first = jax.process_index() == 0
+    if not first:
+        multihost_utils.sync_global_devices("m1jax: corpus cached")
+    corpora = load_corpus(c.data, tokenizer, workdir, "train"), load_corpus(c.data, tokenizer, workdir, "eval")
+    if first and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("m1jax: corpus cached")
+    return corpora
 
 
 def _eval_loss(trainer: Trainer, params, corpus, c) -> float:
@@ -116,14 +144,15 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     os.makedirs(workdir, exist_ok=True)
     tokenizer = load_tokenizer(c.data.tokenizer)
     cfg = validate(c, tokenizer.vocab_size)
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-        fh.write(c.to_json_best_effort(indent=2))
+    primary = jax.process_index() == 0  # the one writer of the workdir's files (orbax coordinates its own)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            fh.write(c.to_json_best_effort(indent=2))
 
     mesh = shd.mesh_from_config(dict(c.mesh))
     n_proc = jax.process_count()
     check_batch_layout(c, dict(mesh.shape), n_proc)
-    train_corpus = load_corpus(c.data, tokenizer, workdir, "train")
-    eval_corpus = load_corpus(c.data, tokenizer, workdir, "eval")
+    train_corpus, eval_corpus = _load_corpora(c, tokenizer, workdir)
     packer = _shard_packer(train_corpus, c, seed=c.data.seed)
 
     lr_fn, tx = make_optimizer(c)
@@ -137,7 +166,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         start, state, data_state = restored
         packer.restore(data_state)  # this process's entry; a different process count is an error
         log.info(f"resumed from step {start} ({ckpt.directory})")
-    writer = MetricWriter(workdir, resume_step=start if restored else None)
+    writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=primary)
 
     fpt = flops_lib.train_flops_per_token(cfg, c.seq_len)
     peak = flops_lib.peak_flops_per_device(override_tflops=c.peak_tflops)
@@ -145,14 +174,14 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
 
     bar = None
-    if progress:
+    if progress and primary:  # one bar, not one per process
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
     step, last_loss = start, None
     t_log, steps_since, pending = time.perf_counter(), 0, None
     with _stop_on_signals() as flag:
-        while step < min(c.steps, stop_at or c.steps) and flag["signal"] is None:
+        while step < min(c.steps, stop_at or c.steps) and stop_requested(flag) is None:
             state, metrics = trainer.step(state, trainer.put_batch(packer.next_batch()))
             step += 1
             steps_since += 1
@@ -198,8 +227,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         writer.close()
         return summary
 
-    rows, acc = samples(cfg, state["params"], tokenizer, c)
-    if rows:
+    rows, acc = samples(cfg, state["params"], tokenizer, c)  # every process: generate is a collective
+    if rows and primary:
         with open(os.path.join(workdir, "samples.jsonl"), "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
         writer.write(step, {"sample_accuracy": acc})

@@ -1,0 +1,210 @@
+"""Multi-host training on one machine: two JAX processes of `experiments.pretrain` over loopback.
+
+Each process gets 2 CPU devices (a 4-device global mesh, the batch split over both processes),
+joins through JAX_COORDINATOR_ADDRESS=127.0.0.1:<port> (m1jax.distributed) and runs its
+collectives with gloo (jax's default CPU implementation once jax.distributed is up). Both work in
+one workdir, as on a shared filesystem. Three launches of the pair: an uninterrupted 4-step run, a
+2-step run, and that run resumed to 4 steps, whose loss curve must equal the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from m1jax.data.pipeline import Corpus, Packer, loss_mask
+from m1jax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCS, DEVICES_PER_PROC = 2, 2
+BATCH, SEQ = 4, 32  # global batch: 2 rows per process, 1 per device
+TIMEOUT_S = 240  # per launch of the pair; a healthy one takes ~15-50 s on 2 cores
+FLAGS = [
+    "--noprogress", "--config.model.preset=tiny", "--config.model.vocab_size=264",
+    # 1 lightning + 1 softmax layer of the default's widths: both attention kinds, half the compile time
+    "--config.model.num_hidden_layers=2", "--config.model.attn_type_list=(0, 1)",
+    f"--config.batch_size={BATCH}", f"--config.seq_len={SEQ}", "--config.log_every=1",
+    "--config.checkpoint_every=2", "--config.eval_every=100000", "--config.eval_batches=1",
+    # constant after warmup: the schedule does not depend on config.steps, so a run extended from
+    # 2 to 4 steps is the same run as one of 4 steps
+    "--config.warmup_steps=1", "--config.schedule=constant",
+    "--config.data.num_train_docs=200", "--config.data.num_eval_docs=20", "--config.max_new_tokens=4",
+    "--config.mesh.data=-1",  # all 4 devices of both processes on the batch axis
+]  # fmt: skip
+
+
+def _hostname_is_loopback() -> bool:
+    """gloo binds the address the hostname resolves to: only loopback is allowed here."""
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+pytestmark = pytest.mark.skipif(
+    not _hostname_is_loopback(),
+    reason="gloo (JAX's CPU collectives) listens on the address this machine's hostname resolves to, "
+    "which is not loopback here; this test talks over 127.0.0.1 only",
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(process_id: int, port: int, cache_dir: str) -> dict[str, str]:
+    # Nothing inherited that could redirect the run: other JAX settings, cluster detection, proxies.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_", "SLURM_", "TPU_", "XLA_")) and "proxy" not in k.lower()
+    }
+    env.update(
+        JAX_PLATFORMS="cpu",
+        # LLVM at -O0: a third of the compile time, and these steps are tiny (the same flags in every run)
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROC} --xla_backend_optimization_level=0",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",  # jax's default binds [::]
+        JAX_NUM_PROCESSES=str(PROCS),
+        JAX_PROCESS_ID=str(process_id),
+        # Process 0 of a later launch reuses the compiled steps (jax writes no entries for the others).
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    return env
+
+
+def _launch(workdir, steps: int, cache_dir: str, *extra: str) -> list[str]:
+    """Run both processes to completion; returns each one's output. Fails (after killing both) if
+    either exits non-zero or the pair outlives TIMEOUT_S."""
+    port = _free_port()
+    args = [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}", f"--config.steps={steps}"]
+    logs = [open(f"{workdir}.{steps}.p{i}.log", "w+") for i in range(PROCS)]  # noqa: SIM115 - closed below
+    procs = []
+    try:
+        for i in range(PROCS):  # output to files: no pipe can fill up and stall a process
+            procs.append(
+                subprocess.Popen(
+                    [*args, *FLAGS, *extra],
+                    cwd=ROOT,
+                    env=_env(i, port, cache_dir),
+                    stdout=logs[i],
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # one failed: its partner would wait on it in a collective
+            time.sleep(0.2)
+        timed_out = any(p.poll() is None for p in procs)
+    finally:  # only these processes, whatever happened
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        outs = []
+        for f in logs:
+            f.seek(0)
+            outs.append(f.read())
+            f.close()
+    report = "\n".join(
+        f"--- process {i} (rc {p.returncode})\n{o[-4000:]}" for i, (p, o) in enumerate(zip(procs, outs, strict=True))
+    )
+    assert not timed_out, f"the pair did not finish within {TIMEOUT_S} s\n{report}"
+    assert [p.returncode for p in procs] == [0] * PROCS, report
+    for i, out in enumerate(outs):  # really one runtime of 2 processes, not 2 single-process runs
+        assert f"jax.distributed: process {i} of {PROCS}, {PROCS * DEVICES_PER_PROC} devices" in out, report
+        assert f"trained to step {steps}:" in out, report
+    return outs
+
+
+def _losses(workdir, key="loss") -> dict[int, float]:
+    rows = [r for r in read_metrics(workdir) if key in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"{key} logged twice for a step (more than one writer?): {steps}"
+    return {r["step"]: r[key] for r in rows}
+
+
+def _data_state(workdir, step: int) -> dict:
+    with open(os.path.join(workdir, "checkpoints", str(step), "data", "metadata")) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The three launches (about a minute on 2 idle cores): full (4 steps, with samples), part
+    (2 steps), resumed (the part run's workdir, 4 steps)."""
+    base = tmp_path_factory.mktemp("multiprocess")
+    full, parts = base / "full", base / "parts"
+    cache = str(base / "jax_cache")
+    out = {"full": full, "parts": parts}
+    out["full_logs"] = _launch(full, 4, cache, "--config.num_samples=2")
+    out["part_logs"] = _launch(parts, 2, cache, "--config.num_samples=0")
+    out["part_metrics"] = read_metrics(parts)
+    out["part_checkpoints"] = sorted(int(p) for p in os.listdir(parts / "checkpoints") if p.isdigit())
+    out["resumed_logs"] = _launch(parts, 4, cache, "--config.num_samples=0")
+    return out
+
+
+def test_two_processes_train_and_only_process_0_writes(runs):
+    full = runs["full"]
+    curve = _losses(full)
+    assert sorted(curve) == list(range(1, 5)), curve
+    assert all(math.isfinite(v) for v in curve.values()), curve
+    assert curve[4] < curve[1], curve  # it learns
+    assert {4} == set(_losses(full, "eval_loss")) and math.isfinite(_losses(full, "eval_loss")[4])
+    assert len(os.listdir(full / "tb")) == 1, os.listdir(full / "tb")  # one TensorBoard writer
+    with open(full / "samples.jsonl") as fh:
+        assert len(fh.readlines()) == 2
+    p0, p1 = runs["full_logs"]
+    assert "held-out greedy accuracy" in p0 and "held-out greedy accuracy" not in p1  # samples shown once
+    assert sorted(int(p) for p in os.listdir(full / "checkpoints") if p.isdigit()) == [2, 4]
+
+
+def test_each_process_packs_its_shard_and_the_checkpoint_holds_both(runs):
+    """Replaying a packer per corpus shard (BATCH / 2 rows a step) in this process: every step's
+    global token count is the sum over both shards' rows, and the final checkpoint's data state
+    holds both processes' positions, each exactly where its shard's packer stands."""
+    full = runs["full"]
+    (path,) = glob.glob(str(full / "data" / "train-*.npz"))
+    with np.load(path) as f:
+        corpus = Corpus(f["tokens"], f["offsets"])
+    packers = [Packer(corpus, SEQ, BATCH // PROCS, seed=0, shard=i, num_shards=PROCS) for i in range(PROCS)]
+    logged = {r["step"]: r["tokens"] for r in read_metrics(full) if "loss" in r}
+    for step in range(1, 5):
+        counts = [int(loss_mask(p.next_batch()["segment_ids"]).sum()) for p in packers]
+        assert logged[step] == sum(counts) and min(counts) > 0, (step, logged[step], counts)
+    shards = _data_state(full, 4)["shards"]
+    assert [(s["shard"], s["num_shards"]) for s in shards] == [(0, PROCS), (1, PROCS)], shards
+    assert [p.state for p in packers] == shards
+
+
+def test_resume_continues_the_uninterrupted_run(runs):
+    full, parts = runs["full"], runs["parts"]
+    assert runs["part_checkpoints"] == [2]
+    assert sorted(r["step"] for r in runs["part_metrics"] if "loss" in r) == [1, 2]
+    for out in runs["resumed_logs"]:
+        assert f"resumed from step 2 ({parts / 'checkpoints'})" in out, out[-3000:]
+    kept = [r for r in read_metrics(parts) if r["step"] <= 2]  # not retrained: timings too are the first run's
+    assert kept == [r for r in runs["part_metrics"] if r["step"] <= 2]
+    a, b = _losses(full), _losses(parts)
+    assert sorted(b) == list(range(1, 5)), b
+    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(_losses(parts, "eval_loss")[4], _losses(full, "eval_loss")[4], rtol=1e-6)
+    assert _data_state(parts, 4) == _data_state(full, 4)
+    assert not (parts / "samples.jsonl").exists()
