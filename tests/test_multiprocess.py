@@ -4,16 +4,20 @@ Each process gets 2 CPU devices (a 4-device global mesh, the batch split over bo
 joins through JAX_COORDINATOR_ADDRESS=127.0.0.1:<port> (m1jax.distributed) and runs its
 collectives with gloo (jax's default CPU implementation once jax.distributed is up). Both work in
 one workdir, as on a shared filesystem. Three launches of the pair: an uninterrupted 4-step run, a
-2-step run, and that run resumed to 4 steps, whose loss curve must equal the uninterrupted one.
+2-step run, and that run resumed to 4 steps, whose loss curve must equal the uninterrupted one; a
+fourth is preempted by a SIGTERM to one of its processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import ipaddress
 import json
 import math
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCS, DEVICES_PER_PROC = 2, 2
 BATCH, SEQ = 4, 32  # global batch: 2 rows per process, 1 per device
 TIMEOUT_S = 240  # per launch of the pair; a healthy one takes ~15-50 s on 2 cores
+STOP_TIMEOUT_S = 60  # from a SIGTERM to both exits: a healthy pair needs a step and a save, seconds
 FLAGS = [
     "--noprogress", "--config.model.preset=tiny", "--config.model.vocab_size=264",
     # 1 lightning + 1 softmax layer of the default's widths: both attention kinds, half the compile time
@@ -87,13 +92,14 @@ def _env(process_id: int, port: int, cache_dir: str) -> dict[str, str]:
     return env
 
 
-def _launch(workdir, steps: int, cache_dir: str, *extra: str) -> list[str]:
-    """Run both processes to completion; returns each one's output. Fails (after killing both) if
-    either exits non-zero or the pair outlives TIMEOUT_S."""
+@contextlib.contextmanager
+def _pair(workdir, steps: int, cache_dir: str, *extra: str):
+    """Starts both processes; yields (procs, outs). On leaving the block any process still running
+    is killed (only these two) and outs gets each one's output."""
     port = _free_port()
     args = [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}", f"--config.steps={steps}"]
     logs = [open(f"{workdir}.{steps}.p{i}.log", "w+") for i in range(PROCS)]  # noqa: SIM115 - closed below
-    procs = []
+    procs, outs = [], []
     try:
         for i in range(PROCS):  # output to files: no pipe can fill up and stall a process
             procs.append(
@@ -106,25 +112,41 @@ def _launch(workdir, steps: int, cache_dir: str, *extra: str) -> list[str]:
                     text=True,
                 )
             )
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one failed: its partner would wait on it in a collective
-            time.sleep(0.2)
-        timed_out = any(p.poll() is None for p in procs)
+        yield procs, outs
     finally:  # only these processes, whatever happened
         for p in procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-        outs = []
         for f in logs:
             f.seek(0)
             outs.append(f.read())
             f.close()
-    report = "\n".join(
+
+
+def _wait(procs, timeout_s: float) -> bool:
+    """Whether both exited within timeout_s; returns early once one has failed (its partner would
+    wait on it in a collective)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    return all(p.poll() is not None for p in procs)
+
+
+def _report(procs, outs) -> str:
+    return "\n".join(
         f"--- process {i} (rc {p.returncode})\n{o[-4000:]}" for i, (p, o) in enumerate(zip(procs, outs, strict=True))
     )
+
+
+def _launch(workdir, steps: int, cache_dir: str, *extra: str) -> list[str]:
+    """Run both processes to completion; returns each one's output. Fails (after killing both) if
+    either exits non-zero or the pair outlives TIMEOUT_S."""
+    with _pair(workdir, steps, cache_dir, *extra) as (procs, outs):
+        timed_out = not _wait(procs, TIMEOUT_S)
+    report = _report(procs, outs)
     assert not timed_out, f"the pair did not finish within {TIMEOUT_S} s\n{report}"
     assert [p.returncode for p in procs] == [0] * PROCS, report
     for i, out in enumerate(outs):  # really one runtime of 2 processes, not 2 single-process runs
@@ -140,18 +162,32 @@ def _losses(workdir, key="loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in rows}
 
 
+def _packers(workdir) -> list[Packer]:
+    """A fresh packer per process's shard of the workdir's cached training corpus."""
+    (path,) = glob.glob(str(workdir / "data" / "train-*.npz"))
+    with np.load(path) as f:
+        corpus = Corpus(f["tokens"], f["offsets"])
+    return [Packer(corpus, SEQ, BATCH // PROCS, seed=0, shard=i, num_shards=PROCS) for i in range(PROCS)]
+
+
 def _data_state(workdir, step: int) -> dict:
     with open(os.path.join(workdir, "checkpoints", str(step), "data", "metadata")) as fh:
         return json.load(fh)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def jax_cache(tmp_path_factory) -> str:
+    """One persistent compilation cache for every launch of the module."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, jax_cache):
     """The three launches (about a minute on 2 idle cores): full (4 steps, with samples), part
     (2 steps), resumed (the part run's workdir, 4 steps)."""
     base = tmp_path_factory.mktemp("multiprocess")
     full, parts = base / "full", base / "parts"
-    cache = str(base / "jax_cache")
+    cache = jax_cache
     out = {"full": full, "parts": parts}
     out["full_logs"] = _launch(full, 4, cache, "--config.num_samples=2")
     out["part_logs"] = _launch(parts, 2, cache, "--config.num_samples=0")
@@ -181,10 +217,7 @@ def test_each_process_packs_its_shard_and_the_checkpoint_holds_both(runs):
     global token count is the sum over both shards' rows, and the final checkpoint's data state
     holds both processes' positions, each exactly where its shard's packer stands."""
     full = runs["full"]
-    (path,) = glob.glob(str(full / "data" / "train-*.npz"))
-    with np.load(path) as f:
-        corpus = Corpus(f["tokens"], f["offsets"])
-    packers = [Packer(corpus, SEQ, BATCH // PROCS, seed=0, shard=i, num_shards=PROCS) for i in range(PROCS)]
+    packers = _packers(full)
     logged = {r["step"]: r["tokens"] for r in read_metrics(full) if "loss" in r}
     for step in range(1, 5):
         counts = [int(loss_mask(p.next_batch()["segment_ids"]).sum()) for p in packers]
@@ -208,3 +241,47 @@ def test_resume_continues_the_uninterrupted_run(runs):
     np.testing.assert_allclose(_losses(parts, "eval_loss")[4], _losses(full, "eval_loss")[4], rtol=1e-6)
     assert _data_state(parts, 4) == _data_state(full, 4)
     assert not (parts / "samples.jsonl").exists()
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, jax_cache):
+    """A preempted host: SIGTERM to process 1 only, mid-run. Both processes agree on the stop
+    (loop.stop_requested), leave the step loop after the same step N, save the checkpoint at N
+    together and exit 0. Without the agreement the signalled process enters the save's collectives
+    while its partner enters the next step's, and both hang."""
+    workdir = tmp_path / "stopped"
+    metrics = workdir / "metrics.jsonl"
+    # 10000 steps and no periodic checkpoint: the run only ends by the signal, whose save is the only one
+    extra = ("--config.num_samples=0", "--config.checkpoint_every=100000")
+    started = exited = False
+    with _pair(workdir, 10000, jax_cache, *extra) as (procs, outs):
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            # complete lines only (process 0 may be mid-write); one loss row per step (log_every=1)
+            if metrics.exists() and metrics.read_text().count("\n") >= 3:
+                started = True
+                break
+            time.sleep(0.2)
+        if started:
+            procs[1].send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            exited = _wait(procs, STOP_TIMEOUT_S)
+            stop_s = time.monotonic() - signalled
+    report = _report(procs, outs)
+    assert started, f"training did not reach step 3 within {TIMEOUT_S} s\n{report}"
+    assert exited, f"not both exited within {STOP_TIMEOUT_S} s of the SIGTERM to process 1\n{report}"
+    assert [p.returncode for p in procs] == [0] * PROCS, f"after {stop_s:.1f} s\n{report}"
+    for i, out in enumerate(outs):
+        assert f"jax.distributed: process {i} of {PROCS}, {PROCS * DEVICES_PER_PROC} devices" in out, report
+    stops = [re.findall(r"^stopped by (.+) at step (\d+); checkpoint saved", o, re.M) for o in outs]
+    assert [[s[0] for s in found] for found in stops] == [["signal on another process"], ["SIGTERM"]], report
+    (n,) = {int(found[0][1]) for found in stops}  # one step for both
+    assert n >= 3, report
+    assert sorted(_losses(workdir)) == list(range(1, n + 1))  # process 0 logged every step up to N, none after
+    assert sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()) == [n]
+    shards = _data_state(workdir, n)["shards"]
+    assert [(s["shard"], s["num_shards"]) for s in shards] == [(0, PROCS), (1, PROCS)], shards
+    packers = _packers(workdir)  # both positions are those after N steps: neither process ran ahead
+    for _ in range(n):
+        for p in packers:
+            p.next_batch()
+    assert [p.state for p in packers] == shards
