@@ -14,12 +14,14 @@ import json
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 
 from m1jax import sharding as shd
+from m1jax.config import ModelConfig
 from m1jax.data.tokenizer import load_tokenizer
 from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
@@ -112,13 +114,17 @@ def evaluate(cfg, params, tokenizer, c, reward_fn) -> dict:
     return out
 
 
-def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
-    """Run (or resume) RL per config `c` in `workdir`. Returns a summary dict."""
-    validate(c)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-        fh.write(c.to_json_best_effort(indent=2))
-    mesh = shd.mesh_from_config(dict(c.mesh))
+class Setup(NamedTuple):
+    """What every RL run of a config starts from (`train`, and `rl.sweep.compare` for many runs)."""
+
+    cfg: ModelConfig  # the policy's model, with the fp32 LM head (M1's RL recipe)
+    tokenizer: object
+    init_params: object | None  # pretrained parameters (config.init_from), or None: random init
+    reward_fn: object
+    sampling: SamplingParams
+
+
+def setup(c: ml_collections.ConfigDict, mesh) -> Setup:
     tokenizer = _tokenizer(c)
     if c.init_from:
         pc, cfg, init_params = load_pretrained(c.init_from, mesh)
@@ -129,16 +135,23 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         pc.model = c.model
         cfg, init_params = model_config(pc), None
     cfg = dataclasses.replace(cfg, lm_head_fp32=True)  # M1: fp32 LM head for RL log-probs
-    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
-    rows = c.prompts_per_step * c.samples_per_prompt // (c.updates_per_rollout * c.micro_batches)
-    if rows % dp:
-        raise ValueError(
-            f"config.prompts_per_step x samples_per_prompt / (updates_per_rollout x micro_batches) = {rows} rows "
-            f"per micro-batch is not divisible by the {dp} batch-parallel devices of mesh {dict(mesh.shape)}"
-        )
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's ({tokenizer.vocab_size})")
-    reward_fn = reward_lib.combine(reward_weights(c.reward))
+    sp = SamplingParams(
+        c.max_new_tokens,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        top_k=c.top_k,
+        stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id,
+        confident_run=c.confident_run,
+        confident_prob=c.confident_prob,
+    )
+    return Setup(cfg, tokenizer, init_params, reward_lib.combine(reward_weights(c.reward)), sp)
+
+
+def make_trainer(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh):
+    """(RLTrainer for `c.loss`, its AdamW) with a constant learning rate after warmup."""
     lr_fn = optim.schedule("constant", c.learning_rate, c.steps * c.updates_per_rollout, c.warmup_steps)
     tx = optim.adamw(lr_fn, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
     trainer = RLTrainer(
@@ -153,27 +166,42 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         micro_batches=c.micro_batches,
         lr_fn=lr_fn,
     )
+    return trainer, tx
 
-    fresh = trainer.init(jax.random.PRNGKey(c.seed))
+
+def initial_state(trainer: RLTrainer, tx, seed: int, init_params=None) -> dict:
+    """The state a run starts from: random parameters from `seed`, or `init_params` with a fresh AdamW."""
+    state = trainer.init(jax.random.PRNGKey(seed))
     if init_params is not None:
         params = jax.device_put(init_params, trainer.state_sharding["params"])
         opt_state = jax.jit(tx.init, out_shardings=trainer.state_sharding["opt_state"])(params)
-        fresh = {**fresh, "params": params, "opt_state": opt_state}
+        state = {**state, "params": params, "opt_state": opt_state}
+    return state
+
+
+def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Run (or resume) RL per config `c` in `workdir`. Returns a summary dict."""
+    validate(c)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as fh:
+        fh.write(c.to_json_best_effort(indent=2))
+    mesh = shd.mesh_from_config(dict(c.mesh))
+    run = setup(c, mesh)
+    cfg, tokenizer, reward_fn, sp = run.cfg, run.tokenizer, run.reward_fn, run.sampling
+    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    rows = c.prompts_per_step * c.samples_per_prompt // (c.updates_per_rollout * c.micro_batches)
+    if rows % dp:
+        raise ValueError(
+            f"config.prompts_per_step x samples_per_prompt / (updates_per_rollout x micro_batches) = {rows} rows "
+            f"per micro-batch is not divisible by the {dp} batch-parallel devices of mesh {dict(mesh.shape)}"
+        )
+    trainer, tx = make_trainer(c, cfg, mesh)
+    fresh = initial_state(trainer, tx, c.seed, run.init_params)
     ref_params = jax.tree.map(lambda x: x.copy(), fresh["params"])  # the frozen reference policy
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
     restored = ckpt.restore_latest(trainer.abstract_state)
     state, start = (fresh, 0) if restored is None else (restored[1], restored[0])
     writer = MetricWriter(workdir, resume_step=start if restored else None)
-    sp = SamplingParams(
-        c.max_new_tokens,
-        temperature=c.temperature,
-        top_p=c.top_p,
-        top_k=c.top_k,
-        stop_tokens=(tokenizer.eos_id,),
-        pad_id=tokenizer.pad_id,
-        confident_run=c.confident_run,
-        confident_prob=c.confident_prob,
-    )
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
     if start == 0:
         first = evaluate(cfg, state["params"], tokenizer, c, reward_fn)
