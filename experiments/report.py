@@ -82,7 +82,8 @@ def run_benchmark(name: str, out_dir: str, quick: bool) -> dict:
 def _subprocess(cmd: list[str], path: str) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    step = {"command": " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)}
+    shown = ["python"] + [os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]]
+    step = {"command": " ".join(shown)}
     step["wall_s"] = round(time.perf_counter() - t0, 1)
     if proc.returncode != 0 or not os.path.exists(path):
         step.update(ok=False, error=(proc.stderr or proc.stdout)[-3000:])
@@ -185,10 +186,11 @@ def main(argv=None) -> int:
     os.environ["M1JAX_RESULTS_DIR"] = os.path.abspath(args.out)  # where the notebooks' kernels write
 
     t0 = time.perf_counter()
-    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": machine()}
+    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     report["command"] = "python -m experiments.report " + " ".join(argv if argv is not None else sys.argv[1:])
     report["benchmarks"] = {n: run_benchmark(n, args.out, args.quick) for n in pick(BENCHMARKS)}
     report["notebooks"] = {n: run_notebook(paths[n], args.out) for n in pick(notebooks)}
+    report["machine"] = machine()  # after the steps: this process then holds no accelerator while they run
     report["wall_s"] = time.perf_counter() - t0
     with open(os.path.join(args.out, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2)
