@@ -23,8 +23,6 @@ from jax.sharding import PartitionSpec as P
 
 from m1jax import parallel
 
-_F32 = jnp.float32
-
 
 def capacity(assignments: int, ep: int, capacity_factor: float) -> int:
     """Rows per (source, destination) slot for `assignments` = local tokens x k."""
