@@ -34,8 +34,8 @@ def flash_attention(q, k, v, runs=None, *, block: int = BLOCK, q_offset=None, q_
     b, t, h, d = q.shape
     g = k.shape[2]
     r = h // g
+    c = min(block, t)
     if q_offset is None:
-        c = min(block, t)
         nb = -(-t // c)
         pad = nb * c - t
         if pad:  # padded keys come after every real query: the causal mask hides them
@@ -43,7 +43,6 @@ def flash_attention(q, k, v, runs=None, *, block: int = BLOCK, q_offset=None, q_
             runs = None if runs is None else jnp.pad(runs, [(0, 0), (0, pad)], constant_values=-1)
         q_runs, q_offset, aligned = runs, 0, True
     else:
-        c = min(block, t)
         if t % c or k.shape[1] % c:
             raise ValueError(f"flash_attention: query length {t} and key length {k.shape[1]} must be multiples of {c}")
         nb, aligned = t // c, False
