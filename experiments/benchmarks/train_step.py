@@ -1,7 +1,7 @@
 """Training-step throughput and MFU of m1jax, optionally side by side with transformers + torch AdamW.
 
 Usage: python -m experiments.benchmarks.train_step [--compare-hf] [--quick] [--config small|pretrain_small]
-       [--batch B] [--seq-len T] [--reps N] [--out train_step_benchmark.json]
+       [--batch B] [--seq-len T] [--reps N] [--block K] [--out train_step_benchmark.json]
 
 Default model: the ~118M-parameter (29M active) 7:1 hybrid `config.small(rotary_dim=64)` in fp32, no remat,
 batch 1 x T=2048 (--quick: T=512). m1jax runs the real pretraining step (`m1jax.train.step.Trainer`: jit with
@@ -10,8 +10,13 @@ loss). With --compare-hf, transformers' MiniMaxForCausalLM is loaded from the *s
 (`m1jax.hf.save_pretrained`; rotary_dim == head_dim because transformers rotates the whole head) and trained
 with torch.optim.AdamW (same betas / eps / weight decay, fused=False), clip_grad_norm_ 1.0 and its router aux
 loss, in fp32 and train mode. Both start from the same weights and batch, so their first-step cross entropies
-are compared (`first_loss_rel_diff`). After one warm-up step each, the two alternate `reps` steps so machine
-drift hits both alike; `ratio` is the median over pairs of torch step time / m1jax step time (> 1: m1jax faster).
+are compared (`first_loss_rel_diff`). After one warm-up step each, the two alternate in rounds so machine drift
+hits both alike: each round runs `--block` consecutive steps of m1jax, then as many of torch. The first step
+of each block is a switch step and is not timed: the first step after the other framework ran is ~1.5-2.5 s
+slower for either of them (measured on the 2-core machine: m1jax 5.6 s then 3.1 s; the memory the other one
+used is returned and faulted in again), which is a cost of sharing one process, not of a training run,
+where a step follows a step of its own kind. Switch-step times are recorded too (`*_switch_times_s`).
+`ratio` is the median over rounds of torch / m1jax median step time in the round (> 1: m1jax faster).
 
 MFU = model FLOPs/s (SPEC section 3 counting, `m1jax.train.flops`) / peak. On an accelerator the peak comes from
 the vendor table (bf16 dense); on CPU there is no such number, so the script measures the best fp32 GEMM rate
@@ -130,11 +135,18 @@ def run(args) -> dict:
     if args.compare_hf:
         _, torch_step = torch_trainer(cfg, host_params, tokens)
         t_first, t_loss0 = timed(torch_step)
-    j_times, t_times = [], []
+    block = max(args.block, 1) if torch_step is not None else 1
+    j_times, t_times, j_switch, t_switch, round_ratios = [], [], [], [], []
     for _ in range(reps):
-        j_times.append(timed(jax_step)[0])
+        j_round = [timed(jax_step)[0] for _ in range(block)]
+        j_switch.append(j_round[0])
+        j_times += j_round[1:] if block > 1 else j_round
         if torch_step is not None:
-            t_times.append(timed(torch_step)[0])
+            t_round = [timed(torch_step)[0] for _ in range(block)]
+            t_switch.append(t_round[0])
+            t_times += t_round[1:] if block > 1 else t_round
+            j_med, t_med = (statistics.median(r[1:] if block > 1 else r) for r in (j_round, t_round))
+            round_ratios.append(t_med / j_med)
 
     tokens_per_step = args.batch * seq_len
     fpt = flops_lib.train_flops_per_token(cfg, seq_len)
@@ -156,6 +168,7 @@ def run(args) -> dict:
         "m1jax_tokens_per_s": tokens_per_step / j_med,
         "m1jax_mfu": fpt * tokens_per_step / j_med / peak,
         "m1jax_times_s": j_times,
+        "block": block,
         "m1jax_first_step_s": j_first,
         "m1jax_compile_s": j_first - j_med,
         "m1jax_first_loss": j_loss0,
@@ -167,10 +180,13 @@ def run(args) -> dict:
             "transformers_tokens_per_s": tokens_per_step / t_med,
             "transformers_mfu": fpt * tokens_per_step / t_med / peak,
             "transformers_times_s": t_times,
+            "m1jax_switch_times_s": j_switch,
+            "transformers_switch_times_s": t_switch,
+            "round_ratios": round_ratios,
             "transformers_first_step_s": t_first,
             "transformers_first_loss": t_loss0,
             "first_loss_rel_diff": abs(j_loss0 - t_loss0) / abs(t_loss0),
-            "ratio": statistics.median(t / j for j, t in zip(j_times, t_times, strict=True)),
+            "ratio": statistics.median(round_ratios),
         }
     return out
 
@@ -182,7 +198,8 @@ def main() -> None:
     ap.add_argument("--config", default="small", help="small (default, ~100M) | pretrain_small")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=0, help="default 2048 (--quick: 512)")
-    ap.add_argument("--reps", type=int, default=0, help="timed steps per implementation (default 5)")
+    ap.add_argument("--reps", type=int, default=0, help="rounds (default 5; --quick: 1)")
+    ap.add_argument("--block", type=int, default=3, help="steps of each per round (--compare-hf); the first is untimed")
     ap.add_argument("--out", default="train_step_benchmark.json", help="where to write the JSON report")
     args = ap.parse_args()
     write_report({"quick": args.quick, "train_step": run(args), "env": env()}, args.out)

@@ -103,14 +103,18 @@ def train_step(
     loss = stats["nll_sum"] / num_tokens
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(stats["aux_loss"])
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    def update(p, o):
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o
+
+    # A cond, not a where over the new and old trees: the skipped branch costs nothing, and the
+    # update writes the donated buffers in place (one pass over params and moments, not two).
+    new_params, new_opt = jax.lax.cond(ok, update, lambda p, o: (p, o), params, state["opt_state"])
     applied = state["step"] - state["skipped"]  # optimizer updates so far: the schedule's clock
     new_state = {
         "step": state["step"] + 1,
-        "params": keep(new_params, params),
-        "opt_state": keep(new_opt, state["opt_state"]),
+        "params": new_params,
+        "opt_state": new_opt,
         "skipped": state["skipped"] + (~ok).astype(jnp.int32),
         "bad_streak": jnp.where(ok, 0, state["bad_streak"] + 1).astype(jnp.int32),
     }
