@@ -51,6 +51,10 @@ def main(argv) -> None:
     if before:
         print(f"held-out before: {line(before)}")
     print(f"held-out after {summary['end_step']} steps: {line(after)}; workdir {_WORKDIR.value}")
+    names = {"eval_accuracy": "greedy accuracy", "eval_sampled_accuracy": "sampled accuracy", "eval_reward": "reward"}
+    for k, name in names.items():  # paired over the same held-out prompts
+        if (d := summary.get("change", {}).get(k)) is not None:
+            print(f"change in {name}: {d['delta']:+.4f} ± {d['se']:.4f} (paired s.e. over prompts, z = {d['z']:.1f})")
 
 
 if __name__ == "__main__":

@@ -90,9 +90,28 @@ def exact(c, texts, refs) -> np.ndarray:
     return reward_lib.get("positions" if c.data.source != "tasks" else "task")(texts, refs) >= 1.0
 
 
-def evaluate(cfg, params, tokenizer, c, reward_fn) -> dict:
+def _se(x: np.ndarray) -> float:
+    """Standard error of the mean of per-prompt values."""
+    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def paired_change(before: dict, after: dict) -> dict:
+    """Per-prompt arrays of two `evaluate(..., per_prompt=)` calls on the same held-out prompts ->
+    {metric: {"delta", "se", "z"}}: the mean change and its paired standard error (the prompts are
+    the same, so prompt difficulty cancels out of the error)."""
+    out = {}
+    for k in before.keys() & after.keys():
+        d = np.asarray(after[k], np.float64) - np.asarray(before[k], np.float64)
+        se = _se(d)
+        out[k] = {"delta": float(d.mean()), "se": se, "z": float(d.mean() / se) if se > 0 else 0.0}
+    return out
+
+
+def evaluate(cfg, params, tokenizer, c, reward_fn, per_prompt: dict | None = None) -> dict:
     """Held-out prompts: greedy mean reward and exact-answer accuracy, and the accuracy of
-    `eval_samples` sampled responses per prompt at the training temperature (avg@k)."""
+    `eval_samples` sampled responses per prompt at the training temperature (avg@k), each with
+    its standard error over prompts (`*_se`). Prompts and sampling keys are fixed, so two calls
+    see the same prompts; `per_prompt`, if given, receives the per-prompt values."""
     split = "test" if c.data.source == "tasks" else "eval"
     pairs = prompt_lib.batch(
         c.data.source, c.data.seed, -1, c.eval_prompts, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split
@@ -101,16 +120,18 @@ def evaluate(cfg, params, tokenizer, c, reward_fn) -> dict:
     r = sample(cfg, params, [tokenizer.encode(p, bos=True) for p, _ in pairs], sp, jax.random.PRNGKey(0))
     texts = _texts(tokenizer, r, tokenizer.eos_id)
     refs = [ref for _, ref in pairs]
-    out = {
-        "eval_reward": float(np.mean(reward_fn(texts, refs))),
-        "eval_accuracy": float(np.mean(exact(c, texts, refs))),
-    }
+    vals = {"eval_reward": np.asarray(reward_fn(texts, refs)), "eval_accuracy": exact(c, texts, refs).astype(float)}
     if c.eval_samples > 0:  # the sampling policy RL optimises: accuracy averaged over k samples per prompt
         sp = dataclasses.replace(sp, greedy=False, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
         prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(c.eval_samples)]
         r = sample(cfg, params, prompts, sp, jax.random.PRNGKey(1))
         k_refs = [ref for ref in refs for _ in range(c.eval_samples)]
-        out["eval_sampled_accuracy"] = float(np.mean(exact(c, _texts(tokenizer, r, tokenizer.eos_id), k_refs)))
+        hits = exact(c, _texts(tokenizer, r, tokenizer.eos_id), k_refs).astype(float)
+        vals["eval_sampled_accuracy"] = hits.reshape(len(pairs), c.eval_samples).mean(axis=1)
+    if per_prompt is not None:
+        per_prompt.update(vals)
+    out = {k: float(np.mean(v)) for k, v in vals.items()}
+    out |= {f"{k}_se": _se(v) for k, v in vals.items() if k != "eval_reward"}
     return out
 
 
@@ -203,8 +224,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     state, start = (fresh, 0) if restored is None else (restored[1], restored[0])
     writer = MetricWriter(workdir, resume_step=start if restored else None)
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
+    first_pp, last_pp = {}, {}
     if start == 0:
-        first = evaluate(cfg, state["params"], tokenizer, c, reward_fn)
+        first = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=first_pp)
         writer.write(0, first)
         summary["initial"] = first
 
@@ -222,7 +244,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             if step % c.log_every == 0 or step == c.steps:
                 writer.write(step, row)
             if step % c.eval_every == 0 or step == c.steps:
-                last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn))
+                last_pp.clear()
+                last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp))
                 writer.write(step, last_eval[1])
             if step % c.checkpoint_every == 0 and step < c.steps:
                 ckpt.save(step, state, {"step": step})
@@ -240,7 +263,12 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         log.warning(f"{summary['stopped_by']}: saved a checkpoint at step {step}; rerun the same command to resume")
     else:
         done = last_eval is not None and last_eval[0] == step
-        summary["final"] = last_eval[1] if done else evaluate(cfg, state["params"], tokenizer, c, reward_fn)
+        if not done:
+            last_pp.clear()
+        summary["final"] = last_eval[1] if done else evaluate(cfg, state["params"], tokenizer, c, reward_fn, last_pp)
+        if not first_pp:  # resumed: the initial policy is the reference, so evaluate that
+            evaluate(cfg, ref_params, tokenizer, c, reward_fn, per_prompt=first_pp)
+        summary["change"] = paired_change(first_pp, last_pp)
     return summary
 
 

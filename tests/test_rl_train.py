@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from rl.config import base_config, validate
-from rl.loop import train
+from rl.loop import paired_change, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +34,9 @@ def test_cispo_toy_learns_from_scratch(tmp_path):
     first, last = np.mean(reward[:5]), np.mean(reward[-5:])
     assert last - first > 0.5, (first, last)
     assert summary["final"]["eval_reward"] - summary["initial"]["eval_reward"] > 0.5
+    change = summary["change"]["eval_reward"]  # paired over the same held-out prompts
+    assert change["delta"] == pytest.approx(summary["final"]["eval_reward"] - summary["initial"]["eval_reward"])
+    assert change["z"] > 3, change
     r = rows(tmp_path, "reward")[-1]
     for key in ("clip_fraction", "ratio_mean", "entropy", "kl", "logp_gap", "zero_variance_fraction", "pass_rate"):
         assert np.isfinite(r[key]), key
@@ -54,11 +57,15 @@ def small_toy(**kw):
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    train(small_toy(), a, progress=False)
+    sa = train(small_toy(), a, progress=False)
     s = train(small_toy(), b, progress=False, stop_at=3)
     assert s["stopped_by"] == "stop_at" and s["end_step"] == 3
     s = train(small_toy(), b, progress=False)
     assert s["start_step"] == 3 and s["end_step"] == 6
+    # The resumed run has no step-0 evaluation of its own: the change is measured against the
+    # reference (initial) policy, evaluated again, and equals the uninterrupted run's.
+    for k, d in sa["change"].items():
+        assert s["change"][k]["delta"] == pytest.approx(d["delta"], abs=1e-6), k
     ra, rb = rows(a, "loss"), rows(b, "loss")
     assert [r["step"] for r in rb] == list(range(1, 7))
     for x, y in zip(ra, rb, strict=True):
@@ -162,3 +169,14 @@ def test_update_is_invariant_to_micro_batching():
                 np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, err_msg=f"{loss} micro={micro} {k}")
             for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
                 np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+def test_paired_change_uses_per_prompt_differences():
+    before = {"acc": np.array([0.0, 1.0, 0.0, 1.0, 0.5])}
+    after = {"acc": np.array([1.0, 1.0, 0.0, 1.0, 1.0])}
+    d = paired_change(before, after)["acc"]
+    diff = after["acc"] - before["acc"]
+    assert d["delta"] == pytest.approx(diff.mean())
+    assert d["se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(5))
+    assert d["z"] == pytest.approx(diff.mean() / d["se"])
+    assert paired_change(before, before)["acc"] == {"delta": 0.0, "se": 0.0, "z": 0.0}
