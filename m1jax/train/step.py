@@ -103,6 +103,7 @@ def train_step(
     loss = stats["nll_sum"] / num_tokens
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(stats["aux_loss"])
+
     def update(p, o):
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o
