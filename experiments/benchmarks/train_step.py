@@ -136,17 +136,17 @@ def run(args) -> dict:
         _, torch_step = torch_trainer(cfg, host_params, tokens)
         t_first, t_loss0 = timed(torch_step)
     block = max(args.block, 1) if torch_step is not None else 1
+    timed_part = lambda r: r[1:] if block > 1 else r  # noqa: E731  (a block's first step is the switch)
     j_times, t_times, j_switch, t_switch, round_ratios = [], [], [], [], []
     for _ in range(reps):
         j_round = [timed(jax_step)[0] for _ in range(block)]
         j_switch.append(j_round[0])
-        j_times += j_round[1:] if block > 1 else j_round
+        j_times += timed_part(j_round)
         if torch_step is not None:
             t_round = [timed(torch_step)[0] for _ in range(block)]
             t_switch.append(t_round[0])
-            t_times += t_round[1:] if block > 1 else t_round
-            j_med, t_med = (statistics.median(r[1:] if block > 1 else r) for r in (j_round, t_round))
-            round_ratios.append(t_med / j_med)
+            t_times += timed_part(t_round)
+            round_ratios.append(statistics.median(timed_part(t_round)) / statistics.median(timed_part(j_round)))
 
     tokens_per_step = args.batch * seq_len
     fpt = flops_lib.train_flops_per_token(cfg, seq_len)
