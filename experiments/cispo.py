@@ -58,4 +58,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from m1jax import host
+
+    host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
     app.run(main)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from m1jax import parallel
+from m1jax import host, parallel
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
 from m1jax.model import M1Model
@@ -89,13 +89,18 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
     ok = finite & (denom > 0)  # an all-masked minibatch (every group dropped) must not move AdamW
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+    def apply(p, o):
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o
+
+    # A cond, as in the pretraining step: a skipped update costs nothing and the update writes the
+    # donated buffers in place.
+    new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o: (p, o), params, state["opt_state"])
     new_state = {
         "step": state["step"] + ok.astype(jnp.int32),  # applied optimizer updates: the schedule's clock
-        "params": keep(new_params, params),
-        "opt_state": keep(new_opt, state["opt_state"]),
+        "params": new_params,
+        "opt_state": new_opt,
         "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
     return new_state, dict(metrics, grad_norm=grad_norm, finite=finite, applied=ok)
@@ -144,14 +149,18 @@ class RLTrainer:
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed), self.state_sharding
         )
         replicated = NamedSharding(mesh, PartitionSpec())
+        opts = host.compiler_options(mesh.devices.flat)
         step = functools.partial(update_step, cfg, tx, loss, loss_kw, temperature, kl_coef, aux, micro_batches)
         self.update = jax.jit(
             parallel.traced_under(mesh, step),  # expert / sequence collectives see the mesh
             in_shardings=(self.state_sharding, None),
             out_shardings=(self.state_sharding, replicated),
             donate_argnums=0,
+            compiler_options=opts,
         )
-        self.logprobs = jax.jit(functools.partial(rollout_logprobs, cfg, temperature), out_shardings=None)
+        self.logprobs = jax.jit(
+            functools.partial(rollout_logprobs, cfg, temperature), out_shardings=None, compiler_options=opts
+        )
         self._init = jax.jit(lambda rng: nn.unbox(_boxed_state(cfg, tx, rng)), out_shardings=self.state_sharding)
 
     def init(self, rng):

@@ -36,7 +36,7 @@ import numpy as np
 
 import m1jax
 import m1jax.hf
-from m1jax import M1Model, config
+from m1jax import M1Model, config, host
 from m1jax.summary import param_counts
 
 MAX_REL_ERR = 1e-3
@@ -179,6 +179,8 @@ def env() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # m1jax.host: huge-page malloc
+        "xla_compiler_options": host.compiler_options(jax.devices()) or {},
     }
 
 
@@ -194,4 +196,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from m1jax import host
+
+    host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
     main()

@@ -269,4 +269,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from m1jax import host
+
+    host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
     main()

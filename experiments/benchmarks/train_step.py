@@ -12,11 +12,15 @@ with torch.optim.AdamW (same betas / eps / weight decay, fused=False), clip_grad
 loss, in fp32 and train mode. Both start from the same weights and batch, so their first-step cross entropies
 are compared (`first_loss_rel_diff`). After one warm-up step each, the two alternate in rounds so machine drift
 hits both alike: each round runs `--block` consecutive steps of m1jax, then as many of torch. The first step
-of each block is a switch step and is not timed: the first step after the other framework ran is ~1.5-2.5 s
-slower for either of them (measured on the 2-core machine: m1jax 5.6 s then 3.1 s; the memory the other one
-used is returned and faulted in again), which is a cost of sharing one process, not of a training run,
-where a step follows a step of its own kind. Switch-step times are recorded too (`*_switch_times_s`).
-`ratio` is the median over rounds of torch / m1jax median step time in the round (> 1: m1jax faster).
+of each block is a switch step and is not timed: the first step after the other framework ran is slower
+(measured on the 2-core machine: m1jax 4.1-4.5 s then 2.3 s; the memory the other one used is returned
+and faulted in again), which is a cost of sharing one process, not of a training run, where a step follows
+a step of its own kind. Switch-step times are recorded too (`*_switch_times_s`). `ratio` is the median over
+rounds of torch / m1jax median step time in the round (> 1: m1jax faster).
+
+Run as a script, the process re-executes itself with glibc's huge-page malloc (`m1jax.host`, as the
+training CLIs do; M1JAX_HUGEPAGES=0 turns it off), and torch shares that process and setting. The m1jax
+step is compiled with `m1jax.host.compiler_options` (YNNPACK for single dots only). Both are in `env`.
 
 MFU = model FLOPs/s (SPEC section 3 counting, `m1jax.train.flops`) / peak. On an accelerator the peak comes from
 the vendor table (bf16 dense); on CPU there is no such number, so the script measures the best fp32 GEMM rate
@@ -206,4 +210,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from m1jax import host
+
+    host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
     main()

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from m1jax import parallel
+from m1jax import host, parallel
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
 from m1jax.data.pipeline import loss_mask
@@ -170,6 +170,7 @@ class Trainer:
         )
         self.batch_sharding = shd.batch_sharding(mesh, rules)
         replicated = NamedSharding(mesh, PartitionSpec())
+        opts = host.compiler_options(mesh.devices.flat)
         self._init = jax.jit(lambda rng: nn.unbox(_boxed_state(cfg, tx, rng)), out_shardings=self.state_sharding)
         self.step = jax.jit(
             parallel.traced_under(
@@ -178,11 +179,13 @@ class Trainer:
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, replicated),
             donate_argnums=0,
+            compiler_options=opts,
         )
         self.eval = jax.jit(
             parallel.traced_under(mesh, functools.partial(eval_step, cfg)),
             in_shardings=(self.state_sharding["params"], self.batch_sharding),
             out_shardings=replicated,
+            compiler_options=opts,
         )
 
     def init(self, rng):
