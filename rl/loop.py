@@ -244,7 +244,6 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             if step % c.log_every == 0 or step == c.steps:
                 writer.write(step, row)
             if step % c.eval_every == 0 or step == c.steps:
-                last_pp.clear()
                 last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp))
                 writer.write(step, last_eval[1])
             if step % c.checkpoint_every == 0 and step < c.steps:
@@ -263,9 +262,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         log.warning(f"{summary['stopped_by']}: saved a checkpoint at step {step}; rerun the same command to resume")
     else:
         done = last_eval is not None and last_eval[0] == step
-        if not done:
-            last_pp.clear()
-        summary["final"] = last_eval[1] if done else evaluate(cfg, state["params"], tokenizer, c, reward_fn, last_pp)
+        if not done:  # (each evaluation overwrites the same per-prompt keys)
+            last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp))
+        summary["final"] = last_eval[1]
         if not first_pp:  # resumed: the initial policy is the reference, so evaluate that
             evaluate(cfg, ref_params, tokenizer, c, reward_fn, per_prompt=first_pp)
         summary["change"] = paired_change(first_pp, last_pp)

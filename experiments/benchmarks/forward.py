@@ -180,7 +180,7 @@ def env() -> dict:
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # m1jax.host: huge-page malloc
-        "xla_compiler_options": host.compiler_options(jax.devices()) or {},
+        "xla_compiler_options": host.compiler_options(jax.devices()) or {},  # what Trainer / RLTrainer jit with here
     }
 
 
@@ -196,7 +196,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from m1jax import host
-
     host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
     main()
