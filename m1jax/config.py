@@ -19,7 +19,14 @@ SOFTMAX = 1  # attn_type_list value of a softmax (full) attention layer
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "dense", "tiled", "ragged")
-LIGHTNING_IMPLS = ("auto", "reference", "pallas_tpu", "pallas_gpu")  # see m1jax.kernels.lightning_attention
+LIGHTNING_IMPLS = (
+    "auto",
+    "reference",
+    "pallas_tpu",
+    "pallas_gpu",
+    "pallas_mgpu",
+    "pallas_triton",
+)  # see m1jax.kernels.lightning_attention
 PARALLEL_IMPLS = ("shard_map", "gspmd")  # see m1jax.parallel
 M1_ALPHA = (2 * 80) ** 0.25  # DeepNorm alpha = (2N)^(1/4), N = 80 layers
 

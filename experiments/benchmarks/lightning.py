@@ -36,7 +36,7 @@ import numpy as np
 
 from experiments.benchmarks.forward import write_report
 from experiments.benchmarks.train_step import measured_peak_flops
-from m1jax.kernels import lightning_attention, resolve_lightning_impl
+from m1jax.kernels import gpu_kernel, lightning_attention, resolve_lightning_impl
 from m1jax.layers import layer_slopes
 
 # Vendor dense bf16 peaks (SPEC 3) and HBM bandwidths, by device kind prefix.
@@ -103,11 +103,23 @@ def bench_one(impl, q, k, v, w, slopes, block_size, reps, backward=True):
     return out
 
 
-def chunk_of(impl, n, block_size):
-    if impl == "pallas_gpu":
-        from m1jax.kernels.lightning import pallas_gpu
+def vs_reference(impl, q, k, v, slopes, block_size) -> float:
+    """Forward output's relative RMS against the jnp reference on the same inputs (kernels that were
+    never run on this hardware get checked here first)."""
+    got = np.asarray(op(impl, slopes, block_size)(q, k, v), np.float32)
+    want = np.asarray(op("reference", slopes, block_size)(q, k, v), np.float32)
+    return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)))
 
-        return min(block_size, pallas_gpu.MAX_BLOCK, n)
+
+def chunk_of(impl, n, block_size):
+    if impl == "pallas_mgpu":
+        from m1jax.kernels.lightning import pallas_mgpu
+
+        return min(pallas_mgpu.C, n)
+    if impl in ("pallas_gpu", "pallas_triton"):
+        from m1jax.kernels.lightning import pallas_triton
+
+        return min(block_size, pallas_triton.MAX_BLOCK, n)
     return min(block_size, n)
 
 
@@ -192,7 +204,12 @@ def run(args) -> dict:
     if args.quick:
         lengths = [n for n in lengths if n >= 1024][:3] if not args.lengths else lengths
     kernel = resolve_lightning_impl("auto", 1 << 20)
-    impls = args.impls.split(",") if args.impls else sorted({kernel, "reference"})
+    if kernel == "pallas_gpu":  # both GPU kernels side by side where Mosaic GPU applies (Hopper)
+        kernel = gpu_kernel(dtype, d, d)
+        default = {kernel, "pallas_triton", "reference"}
+    else:
+        default = {kernel, "reference"}
+    impls = args.impls.split(",") if args.impls else sorted(default)
     if not args.no_softmax:
         impls.append("softmax")
     soft_max = args.softmax_max_len or (8192 if not accel else 1 << 17)
@@ -209,6 +226,8 @@ def run(args) -> dict:
             else:
                 try:
                     row.update(bench_one(impl, q, k, v, w, slopes, args.block_size, args.reps, not args.no_backward))
+                    if impl not in ("softmax", "reference"):
+                        row["rel_rms_vs_reference"] = vs_reference(impl, q, k, v, slopes, args.block_size)
                 except Exception as e:  # e.g. out of memory: record it and go on
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 annotate(row, peak_flops, bw, args.batch, h, n, d, dtype.itemsize, args.block_size)

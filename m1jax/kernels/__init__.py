@@ -9,7 +9,7 @@ from m1jax.kernels import lightning as _lightning
 from m1jax.kernels.lightning.partition import shardable
 from m1jax.parallel import context_mesh, inside_shard_map
 
-LIGHTNING_IMPLS = ("auto", "reference", "recurrent", "pallas_tpu", "pallas_gpu")
+LIGHTNING_IMPLS = ("auto", "reference", "recurrent", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "pallas_triton")
 # Below this length a kernel launch does not pay off over the jnp blocked form.
 MIN_KERNEL_LENGTH = 128
 
@@ -31,6 +31,24 @@ def resolve_lightning_impl(
     if platform == "tpu" and devices > 1 and context_mesh() is None and not inside_shard_map():
         return "reference"  # Mosaic needs shard_map, which needs the mesh: see kernels/lightning/partition.py
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "reference")
+
+
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def gpu_kernel(dtype, dk: int, dv: int, interpret: bool = False) -> str:
+    """Which GPU kernel "pallas_gpu" runs: Mosaic GPU on Hopper (sm_90) for 16-bit inputs with Dk, Dv
+    multiples of 64 (wgmma tiles), else the Triton kernel (older GPUs, fp32, small heads).
+
+    In interpret mode Mosaic GPU needs jax >= 0.11 (its interpreter runs wgmma there)."""
+    from m1jax.kernels.lightning import pallas_mgpu
+
+    if not pallas_mgpu.supports(dtype, dk, dv):
+        return "pallas_triton"
+    ok = pallas_mgpu.interpret_available() if interpret else _is_hopper()
+    return "pallas_mgpu" if ok else "pallas_triton"
 
 
 def _kernel_call(forward, partitionable, q, k, v, slopes, initial_state, segment_ids, **kw):
@@ -55,7 +73,8 @@ def lightning_attention(
       initial_state: optional fp32 [B, H, Dk, Dv] state entering the first token.
       segment_ids: optional [B, T] ids; attention and state stay inside each contiguous run.
       impl: "reference" (chunked jnp, `lax.scan` over blocks), "recurrent" (token by token),
-        "pallas_tpu" (Mosaic TPU kernel), "pallas_gpu" (GPU kernels, chunk-parallel) or "auto".
+        "pallas_tpu" (Mosaic TPU kernel), "pallas_gpu" (the GPU kernel that applies, see `gpu_kernel`),
+        "pallas_mgpu" (Mosaic GPU, Hopper), "pallas_triton" (Triton backend) or "auto".
       block_size: chunk length; None picks the implementation's default.
       interpret: run a Pallas kernel in interpret mode (any backend, for tests).
     Returns:
@@ -74,11 +93,19 @@ def lightning_attention(
         # Mosaic TPU calls cannot go through custom_partitioning (jax-ml/jax#38196); interpret mode can.
         return _kernel_call(pallas_tpu.forward, interpret, q, k, v, slopes, **kw)
     if impl == "pallas_gpu":
-        from m1jax.kernels.lightning import pallas_gpu
+        impl = gpu_kernel(q.dtype, q.shape[-1], v.shape[-1], interpret)
+    if impl == "pallas_mgpu":
+        from m1jax.kernels.lightning import pallas_mgpu
+
+        kw.update(interpret=interpret)
+        # The interpreter's ordered callbacks cannot go through custom_partitioning; the kernel can.
+        return _kernel_call(pallas_mgpu.forward, not interpret, q, k, v, slopes, **kw)
+    if impl == "pallas_triton":
+        from m1jax.kernels.lightning import pallas_triton
 
         kw.update(block_size=block_size or 64, interpret=interpret)
-        return _kernel_call(pallas_gpu.forward, True, q, k, v, slopes, **kw)
+        return _kernel_call(pallas_triton.forward, True, q, k, v, slopes, **kw)
     raise ValueError(f"lightning_attention: unknown impl {impl!r}; expected one of {list(LIGHTNING_IMPLS)}")
 
 
-__all__ = ["LIGHTNING_IMPLS", "lightning_attention", "resolve_lightning_impl"]
+__all__ = ["LIGHTNING_IMPLS", "gpu_kernel", "lightning_attention", "resolve_lightning_impl"]

@@ -1,7 +1,8 @@
 """Lightning attention: causal linear attention with a fixed per-head exponential decay.
 
 reference.py (recurrence and blocked jnp form), block.py (per-block math traced by the kernels),
-pallas_tpu.py and pallas_gpu.py (kernels), vjp.py (backward as three forward calls), *_test.py.
+pallas_tpu.py, pallas_mgpu.py (Mosaic GPU, Hopper) and pallas_triton.py (kernels), vjp.py
+(backward as three forward calls), *_test.py.
 """
 
 from m1jax.kernels.lightning.reference import (

@@ -2,8 +2,9 @@
 
 TPU: the Mosaic kernel, forward and backward, lowers and compiles for a TPU v5p topology on this
 CPU machine (libtpu + `jax.experimental.topologies`); the compiled program must contain the
-kernels. GPU: the Triton kernels lower (to Triton IR, via `jax.export` for CUDA); compiling them
-needs a GPU, so this is a lowering check only.
+kernels. GPU: the Mosaic GPU kernels (Hopper) and the Triton kernels lower for CUDA (via
+`jax.export`): Pallas -> Mosaic GPU / Triton IR, layouts, wgmma and TMA shapes, SMEM use. Compiling
+them to PTX needs a GPU, so these are lowering checks only.
 """
 
 import contextlib
@@ -81,13 +82,29 @@ def _abstract_h100():
 @pytest.mark.parametrize("segmented", [False, True])
 def test_gpu_kernels_lower_for_cuda(segmented):
     pytest.importorskip("jax.experimental.pallas.triton")
-    grad = jax.value_and_grad(lambda *a: _loss("pallas_gpu", segmented, *a), argnums=(0, 1, 2, 3))
+    grad = jax.value_and_grad(lambda *a: _loss("pallas_triton", segmented, *a), argnums=(0, 1, 2, 3))
     disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     with _abstract_h100():
         exported = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=disabled)(*_args(jnp.bfloat16))
     text = exported.mlir_module()
     assert "__gpu$xla.gpu.triton" in text
     assert "lightning_span_states" in text and "lightning_span_outputs" in text
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_mosaic_gpu_kernels_lower_for_cuda(segmented):
+    """Forward and backward at the M1 head size: 2 kernels x (1 forward + 3 backward calls), where
+    jax may share one lowered function between the two backward calls of equal shapes."""
+    import re
+
+    grad = jax.value_and_grad(lambda *a: _loss("pallas_mgpu", segmented, *a), argnums=(0, 1, 2, 3))
+    disabled = [jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")]
+    with _abstract_h100():
+        exported = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=disabled)(*_args(jnp.bfloat16))
+    text = exported.mlir_module()
+    calls = re.findall(r"stablehlo.custom_call @mosaic_gpu_v2\(([^)]*)\)", text)
+    arity = sorted(len(c.split(",")) for c in calls)  # span states: k, v, w, g; outputs: 9 operands
+    assert len(calls) >= 6 and set(arity) == {4, 9} and arity.count(4) == arity.count(9)
 
 
 def test_tpu_kernel_compiles_sharded_over_batch_and_heads(v5p):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from m1jax.kernels import lightning_attention, resolve_lightning_impl
-from m1jax.kernels.lightning import pallas_gpu
+from m1jax.kernels.lightning import pallas_triton
 
 C = 16
 SLOPES = jnp.array([0.92, 0.083, 1e-3, 5e-5])  # decays 0.40, 0.92, 0.999, 0.99995
-IMPLS = ("pallas_tpu", "pallas_gpu")
+IMPLS = ("pallas_tpu", "pallas_triton")
 
 
 def rel_rms(a, b):
@@ -73,7 +73,7 @@ def test_gpu_spans_do_not_change_the_result(spans):
     hm = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
     from m1jax.kernels.lightning import run_ids
 
-    out, state = pallas_gpu.forward(
+    out, state = pallas_triton.forward(
         hm(q), hm(k), hm(v), SLOPES, h0, run_ids(seg), block_size=C, spans=spans, interpret=True
     )
     ref_out, ref_state = run("recurrent", q, k, v, h0=h0, seg=seg)

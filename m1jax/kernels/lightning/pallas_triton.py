@@ -1,4 +1,4 @@
-"""Lightning attention forward for GPUs: chunk-parallel, so B x H = 8 still fills the device.
+"""Lightning attention forward on the Triton backend (any CUDA GPU; Hopper gets `pallas_mgpu.py`): chunk-parallel.
 
 M1 under tensor parallelism runs 8 heads per device at batch 1, far fewer (b, h) pairs than SMs. So
 the sequence is cut into R spans of L tokens (L a multiple of the block C), chosen so that
