@@ -128,7 +128,7 @@ def test_dispatch_and_clear_errors():
     )
     assert gpu_kernel(bf16, 128, 128) == "pallas_triton"  # no Hopper GPU on this machine
     q, k, v, h0, _ = inputs(C, dk=64, dv=128)
-    with pytest.raises(ValueError, match="bf16/fp16 inputs and Dk, Dv multiples of 64"):
+    with pytest.raises(ValueError, match="bf16/fp16 inputs, Dk = 64 or 128 and Dv a multiple of 64"):
         run("pallas_mgpu", q.astype(f32), k.astype(f32), v.astype(f32))
     with pytest.raises(ValueError, match="Dk=32"):
         run("pallas_mgpu", q[..., :32], k[..., :32], v)

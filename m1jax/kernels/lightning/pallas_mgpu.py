@@ -19,7 +19,7 @@ kernel has no segment branch: u = lambda^(i+1) [incoming doc], w = lambda^(m-1-j
 g = lambda^m [no boundary] per block, f = in-block index of each token's document start (the
 intra-block mask is f_i <= j <= i). They add ~1% to the bytes read at D = 128.
 
-Constraints: 16-bit inputs (wgmma on fp32 would round to tf32), Dk and Dv multiples of 64.
+Constraints: 16-bit inputs (wgmma on fp32 would round to tf32), Dk = 64 or 128, Dv a multiple of 64.
 `supports` says whether a call qualifies; `m1jax.kernels` falls back to the Triton kernel otherwise.
 """
 
@@ -43,7 +43,8 @@ _LOAD_TAKES_IDX = "idx" in inspect.signature(plgpu.load).parameters  # jax < 0.1
 
 
 def supports(dtype, dk: int, dv: int) -> bool:
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and dk % 64 == 0 and dv % BV == 0
+    """16-bit inputs, Dk in {64, 128} (the [Dk, 64] fp32 state and its update fit in registers), Dv % 64 == 0."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and dk in (64, 128) and dv % BV == 0
 
 
 def interpret_available() -> bool:
@@ -148,7 +149,11 @@ def _outputs_kernel(n_blocks, n_heads, dtype, q_ref, k_ref, v_ref, u_ref, w_ref,
     cols = pl.ds(vi * BV, BV)
     slope = sl_ref[h]
 
-    def scoped(q_smem, k_smem, v_smem, s_smem, p_smem, vw_smem, o_smem, bars):
+    def scoped(q_smem, k_smem, v_smem, s_smem, o_smem, bars):
+        # s_smem holds in turn the incoming state (for Q S), then P, then diag(w) V: each is dead
+        # before the next is written (every wgmma is waited), and 16 KB less SMEM lets 2 CTAs share an SM.
+        stage = s_smem.at[pl.ds(0, C)]  # [C, 64]: P is [C, C] with C = 64
+
         def load(i, slot):
             rows = pl.ds((blk0 + i) * C, C)
             plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem.at[slot], bars.at[slot])
@@ -161,34 +166,34 @@ def _outputs_kernel(n_blocks, n_heads, dtype, q_ref, k_ref, v_ref, u_ref, w_ref,
             u, w = vec(u_ref), vec(w_ref)
             first = _load(f_ref.at[b, pl.ds(t0, C)], _ROW, gmem=True)
             s_smem[...] = state.astype(dtype)  # the incoming state as a wgmma operand
+            plgpu.commit_smem()
             plgpu.barrier_wait(bars.at[slot])
             q, k, v = q_smem.at[slot], k_smem.at[slot], v_smem.at[slot]
+            inter = _rows(u, (C, BV)) * _mm(q, s_smem, (C, BV))
             # Index tiles made here, not hoisted: 3 x 32 registers live across the loop would spill.
             i_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=plgpu.Layout.WGMMA)
             j_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=plgpu.Layout.WGMMA)
             keep = (j_idx <= i_idx) & (j_idx >= _rows(first, (C, C)))  # causal, same document
             decay = jnp.exp(jnp.where(keep, -slope * (i_idx - j_idx).astype(_F32), -jnp.inf))
-            p_smem[...] = (_mm(q, k.T, (C, C)) * decay).astype(dtype)
+            stage[...] = (_mm(q, k.T, (C, C)) * decay).astype(dtype)
             plgpu.commit_smem()
-            out = _mm(p_smem, v, (C, BV)) + _rows(u, (C, BV)) * _mm(q, s_smem, (C, BV))
+            out = _mm(stage, v, (C, BV)) + inter
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's store has read o_smem
             o_smem[...] = out.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, pl.ds(t0, C), cols])
-            return _update(state, k, v, vw_smem, w, g_ref[b, h, blk0 + i])
+            return _update(state, k, v, stage, w, g_ref[b, h, blk0 + i])
 
         init = _load(s_ref.at[b, h, r, :, cols], plgpu.Layout.WGMMA, gmem=True)
         _span_loop(n_blocks, load, body, init)
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(
+    pl.run_scoped(  # 104 KB at Dk = 128
         scoped,
         _smem((2, C, dk), dtype),
         _smem((2, C, dk), dtype),
         _smem((2, C, BV), dtype),
         _smem((dk, BV), dtype),
-        _smem((C, C), dtype),
-        _smem((C, BV), dtype),
         _smem((C, BV), dtype),
         plgpu.Barrier(num_arrivals=3, num_barriers=2),  # q, k, v
     )
@@ -235,7 +240,7 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = C, spans: int | None
     dv = v.shape[-1]
     if not supports(q.dtype, dk, dv):
         raise ValueError(
-            f"lightning pallas_mgpu: needs bf16/fp16 inputs and Dk, Dv multiples of 64; got {q.dtype}, "
+            f"lightning pallas_mgpu: needs bf16/fp16 inputs, Dk = 64 or 128 and Dv a multiple of 64; got {q.dtype}, "
             f"Dk={dk}, Dv={dv} (use impl='pallas_triton')"
         )
     _, per_span, r, _ = plan(b, h, max(t, C), dv, C, spans)  # max: blocks of exactly C tokens
@@ -257,6 +262,7 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = C, spans: int | None
     o = plgpu.kernel(
         partial(_outputs_kernel, per_span, h, q.dtype),
         out_type=jax.ShapeDtypeStruct((b, h, t_pad, dv), q.dtype),
+        compiler_params=plgpu.CompilerParams(approx_math=True),  # ex2.approx for the decays of P (bf16)
         **grid,
     )(q, k, v, u, w, first, g, states[:, :, :r], slopes)
     return o[:, :, :t], states[:, :, r]
