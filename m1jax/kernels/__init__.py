@@ -39,9 +39,9 @@ def _is_hopper() -> bool:
 
 
 def gpu_kernel(dtype, dk: int, dv: int, interpret: bool = False) -> str:
-    """Which GPU kernel "pallas_gpu" runs: Mosaic GPU on Hopper (sm_90) for 16-bit inputs with Dk = 64
-    or 128 and Dv a multiple of 64 (`pallas_mgpu.supports`), else the Triton kernel (older GPUs, fp32,
-    other head sizes).
+    """Which GPU kernel "pallas_gpu" runs: Mosaic GPU on Hopper (sm_90) for 16-bit inputs with Dk and
+    Dv each 64 or 128 (`pallas_mgpu.supports`), else the Triton kernel (older GPUs, fp32, other head
+    sizes).
 
     In interpret mode Mosaic GPU needs jax >= 0.11 (its interpreter runs wgmma there)."""
     from m1jax.kernels.lightning import pallas_mgpu

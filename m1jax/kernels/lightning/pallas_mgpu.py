@@ -19,7 +19,7 @@ kernel has no segment branch: u = lambda^(i+1) [incoming doc], w = lambda^(m-1-j
 g = lambda^m [no boundary] per block, f = in-block index of each token's document start (the
 intra-block mask is f_i <= j <= i). They add ~1% to the bytes read at D = 128.
 
-Constraints: 16-bit inputs (wgmma on fp32 would round to tf32), Dk = 64 or 128, Dv a multiple of 64.
+Constraints: 16-bit inputs (wgmma on fp32 would round to tf32), Dk and Dv each 64 or 128.
 `supports` says whether a call qualifies; `m1jax.kernels` falls back to the Triton kernel otherwise.
 """
 
@@ -43,8 +43,10 @@ _LOAD_TAKES_IDX = "idx" in inspect.signature(plgpu.load).parameters  # jax < 0.1
 
 
 def supports(dtype, dk: int, dv: int) -> bool:
-    """16-bit inputs, Dk in {64, 128} (the [Dk, 64] fp32 state and its update fit in registers), Dv % 64 == 0."""
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and dk in (64, 128) and dv % BV == 0
+    """16-bit inputs and Dk, Dv in {64, 128}: the [Dk, 64] fp32 state and its update fit in registers,
+    and the backward's calls swap Dk and Dv (vjp.py), so both must qualify."""
+    sixteen = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return sixteen and dk in (64, 128) and dv in (64, 128)
 
 
 def interpret_available() -> bool:
@@ -240,7 +242,7 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = C, spans: int | None
     dv = v.shape[-1]
     if not supports(q.dtype, dk, dv):
         raise ValueError(
-            f"lightning pallas_mgpu: needs bf16/fp16 inputs, Dk = 64 or 128 and Dv a multiple of 64; got {q.dtype}, "
+            f"lightning pallas_mgpu: needs bf16/fp16 inputs and Dk, Dv each 64 or 128; got {q.dtype}, "
             f"Dk={dk}, Dv={dv} (use impl='pallas_triton')"
         )
     _, per_span, r, _ = plan(b, h, max(t, C), dv, C, spans)  # max: blocks of exactly C tokens
