@@ -4,10 +4,11 @@ Same chunk-parallel plan as the Triton kernel (`pallas_triton.py`), so B x H = 8
 device: the sequence is cut into R spans of blocks of C = 64 tokens, grid (B*H, R, Dv/64), one
 warpgroup per program.
 
-1. `_states_kernel`: each span's own end state from a zero start, S <- g S + K^T diag(w) V.
+1. `_states_kernel`: each span's own end state from a zero start, S <- g S + K^T diag(w) V, for
+   all spans but the last (skipped when R = 1, i.e. when B x H alone fills the device).
 2. `pallas_triton._cross_span` (jnp, R x R per head): the state entering each span (SPEC 4).
 3. `_outputs_kernel`: each span replays its blocks from its incoming state,
-   O = [(Q K^T) * D] V + diag(u) Q S, then updates S as in 1.
+   O = [(Q K^T) * D] V + diag(u) Q S, then updates S as in 1; the last span's S is the final state.
 
 Per block that is four wgmmas ([C,Dk]x[Dk,C], [C,C]x[C,64], [C,Dk]x[Dk,64], [Dk,C]x[C,64]) on bf16
 operands in swizzled SMEM with fp32 accumulators; the state stays in registers in fp32 and is
@@ -145,7 +146,9 @@ def _states_kernel(n_blocks, n_heads, dtype, k_ref, v_ref, w_ref, g_ref, ds_ref)
     )
 
 
-def _outputs_kernel(n_blocks, n_heads, dtype, q_ref, k_ref, v_ref, u_ref, w_ref, f_ref, g_ref, s_ref, sl_ref, o_ref):
+def _outputs_kernel(
+    n_blocks, n_heads, dtype, q_ref, k_ref, v_ref, u_ref, w_ref, f_ref, g_ref, s_ref, sl_ref, o_ref, fin_ref
+):
     dk = k_ref.shape[-1]
     b, h, r, vi, blk0 = _coords(n_blocks, n_heads)
     cols = pl.ds(vi * BV, BV)
@@ -187,7 +190,7 @@ def _outputs_kernel(n_blocks, n_heads, dtype, q_ref, k_ref, v_ref, u_ref, w_ref,
             return _update(state, k, v, stage, w, g_ref[b, h, blk0 + i])
 
         init = _load(s_ref.at[b, h, r, :, cols], plgpu.Layout.WGMMA, gmem=True)
-        _span_loop(n_blocks, load, body, init)
+        fin_ref[b, h, r, :, cols] = _span_loop(n_blocks, load, body, init)  # the last span's is the final state
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(  # 104 KB at Dk = 128
@@ -254,17 +257,26 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = C, spans: int | None
     slopes = slopes.astype(_F32)
     u, w, first, g = _decays(slopes, runs, t, t_pad, b)
     params = _interpret_params() if interpret else None
-    grid = dict(grid=(b * h, r, dv // BV), grid_names=("bh", "r", "v"), interpret=params)
-    ds = plgpu.kernel(
-        partial(_states_kernel, per_span, h, q.dtype),
-        out_type=jax.ShapeDtypeStruct((b, h, r, dk, dv), _F32),
-        **grid,
-    )(k, v, w, g)
-    states = _cross_span(ds, slopes, h0.astype(_F32), runs, t, span_len)
-    o = plgpu.kernel(
+    grid = dict(grid_names=("bh", "r", "v"), interpret=params)
+    h0 = h0.astype(_F32)
+    if r > 1:  # end states of all spans but the last; the outputs kernel ends the last one
+        ds = plgpu.kernel(
+            partial(_states_kernel, per_span, h, q.dtype),
+            out_type=jax.ShapeDtypeStruct((b, h, r - 1, dk, dv), _F32),
+            grid=(b * h, r - 1, dv // BV),
+            **grid,
+        )(k, v, w, g)
+        states = _cross_span(ds, slopes, h0, runs, t, span_len)  # [B, H, R, Dk, Dv]: entering each span
+    else:  # one span (B x H fills the device): no state pass, k and v are read once
+        states = h0[:, :, None]
+    o, fin = plgpu.kernel(
         partial(_outputs_kernel, per_span, h, q.dtype),
-        out_type=jax.ShapeDtypeStruct((b, h, t_pad, dv), q.dtype),
+        out_type=(
+            jax.ShapeDtypeStruct((b, h, t_pad, dv), q.dtype),
+            jax.ShapeDtypeStruct((b, h, r, dk, dv), _F32),
+        ),
         compiler_params=plgpu.CompilerParams(approx_math=True),  # ex2.approx for the decays of P (bf16)
+        grid=(b * h, r, dv // BV),
         **grid,
-    )(q, k, v, u, w, first, g, states[:, :, :r], slopes)
-    return o[:, :, :t], states[:, :, r]
+    )(q, k, v, u, w, first, g, states, slopes)
+    return o[:, :, :t], fin[:, :, r - 1]
