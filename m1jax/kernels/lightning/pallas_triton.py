@@ -4,13 +4,14 @@ M1 under tensor parallelism runs 8 heads per device at batch 1, far fewer (b, h)
 the sequence is cut into R spans of L tokens (L a multiple of the block C), chosen so that
 B * H * R * (Dv / bv) programs cover the device, and the work runs in three phases:
 
-1. `_span_state_kernel`, grid (B, H, R, Dv/bv): each span's own end state from a zero start
-   (blocks of C tokens in a loop, state [Dk, bv] in registers). Reads k, v once.
+1. `_span_state_kernel`, grid (B, H, R-1, Dv/bv): each span's own end state from a zero start
+   (blocks of C tokens in a loop, state [Dk, bv] in registers), for all spans but the last; skipped
+   when R = 1. Reads k, v once.
 2. A tiny jnp contraction across spans (R x R per head): the state entering span r is
    sum_{j<r} lambda^(end_{r-1} - end_j) dS_j + lambda^(end_{r-1}+1) h0 (SPEC 4, LASP-2), with the
-   terms that cross a document boundary masked to zero; row R is the final state.
-3. `_span_output_kernel`, same grid: each span replays its blocks from its incoming state and writes
-   the outputs. Reads q, k, v once.
+   terms that cross a document boundary masked to zero.
+3. `_span_output_kernel`, grid (B, H, R, Dv/bv): each span replays its blocks from its incoming
+   state and writes the outputs; the last span's end state is the final state. Reads q, k, v once.
 
 Written in backend-neutral Pallas (refs, `pl.ds`, `dot_general`), lowered by the Triton backend; the
 per-block math is `block.py`, shared with the TPU kernel. The backward is three calls (`vjp.py`).
@@ -74,14 +75,14 @@ def _span_state_kernel(t_total, c, n_blocks, segmented, slopes_ref, k_ref, v_ref
 
 
 def _span_output_kernel(t_total, c, n_blocks, segmented, slopes_ref, q_ref, k_ref, v_ref, s_ref, *refs):
-    ids_ref, prev_ref, o_ref = refs if segmented else (None, None, refs[0])
+    ids_ref, prev_ref, o_ref, fin_ref = refs if segmented else (None, None, *refs)
 
     def step(rows, m, slope, mk, state):
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         o_ref[rows, :] = block.block_output(q, k, v, state, slope, mk).astype(o_ref.dtype)
         return block.block_state(k, v, state, slope, m, mk)
 
-    _loop_blocks(t_total, c, n_blocks, slopes_ref, ids_ref, prev_ref, step, s_ref[...])
+    fin_ref[...] = _loop_blocks(t_total, c, n_blocks, slopes_ref, ids_ref, prev_ref, step, s_ref[...])
 
 
 def plan(b: int, h: int, t: int, dv: int, block_size: int, spans: int | None = None) -> tuple[int, int, int, int]:
@@ -147,22 +148,31 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = 64, spans: int | Non
         ids_spec = pl.BlockSpec((None, span_len), lambda bi, hi, ri, vi: (bi, ri))
         extra_specs, extra = [ids_spec, ids_spec], [padded, prev]
     slopes = slopes.astype(_F32)
-    common = dict(grid=grid, compiler_params=_compiler_params(), interpret=interpret)
-    ds = pl.pallas_call(
-        partial(_span_state_kernel, t, c, per_span, segmented),
-        in_specs=[whole, span(dk), span_v] + extra_specs,
-        out_specs=state,
-        out_shape=jax.ShapeDtypeStruct((b, h, r, dk, dv), _F32),
-        name="lightning_span_states",
-        **common,
-    )(slopes, k, v, *extra)
-    states = _cross_span(ds, slopes, h0.astype(_F32), runs, t, span_len)
-    o = pl.pallas_call(
+    common = dict(compiler_params=_compiler_params(), interpret=interpret)
+    h0 = h0.astype(_F32)
+    if r > 1:  # end states of all spans but the last; the output kernel ends the last one
+        ds = pl.pallas_call(
+            partial(_span_state_kernel, t, c, per_span, segmented),
+            grid=(b, h, r - 1, dv // bv),
+            in_specs=[whole, span(dk), span_v] + extra_specs,
+            out_specs=state,
+            out_shape=jax.ShapeDtypeStruct((b, h, r - 1, dk, dv), _F32),
+            name="lightning_span_states",
+            **common,
+        )(slopes, k, v, *extra)
+        states = _cross_span(ds, slopes, h0, runs, t, span_len)  # [B, H, R, Dk, Dv]: entering each span
+    else:  # one span: no state pass, k and v are read once
+        states = h0[:, :, None]
+    o, fin = pl.pallas_call(
         partial(_span_output_kernel, t, c, per_span, segmented),
+        grid=grid,
         in_specs=[whole, span(dk), span(dk), span_v, state] + extra_specs,
-        out_specs=span_v,
-        out_shape=jax.ShapeDtypeStruct((b, h, r * span_len, dv), q.dtype),
+        out_specs=[span_v, state],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, r * span_len, dv), q.dtype),
+            jax.ShapeDtypeStruct((b, h, r, dk, dv), _F32),
+        ],
         name="lightning_span_outputs",
         **common,
-    )(slopes, q, k, v, states[:, :, :r], *extra)
-    return o[:, :, :t], states[:, :, r]
+    )(slopes, q, k, v, states, *extra)
+    return o[:, :, :t], fin[:, :, r - 1]
