@@ -99,7 +99,9 @@ def plan(b: int, h: int, t: int, dv: int, block_size: int, spans: int | None = N
 
 
 def _cross_span(ds, slopes, h0, runs, t, span_len):
-    """States entering each span and the final state: [B, H, R + 1, Dk, Dv] fp32 (SPEC 4)."""
+    """From the end states ds of spans 0..R-1 [B, H, R, Dk, Dv] (each from a zero start), the states
+    entering spans 0..R: [B, H, R + 1, Dk, Dv] fp32 (SPEC 4). The kernels pass all spans but the
+    last, so row R is the state entering the last span."""
     b, h, r = ds.shape[:3]
     ends = jnp.minimum(span_len * (jnp.arange(r) + 1), t) - 1  # last valid token of span j
     before = jnp.concatenate([jnp.array([-1]), ends])  # token before span r (row R: the last token)
