@@ -4,7 +4,9 @@ TPU: the Mosaic kernel, forward and backward, lowers and compiles for a TPU v5p 
 CPU machine (libtpu + `jax.experimental.topologies`); the compiled program must contain the
 kernels. GPU: the Mosaic GPU kernels (Hopper) and the Triton kernels lower for CUDA (via
 `jax.export`): Pallas -> Mosaic GPU / Triton IR, layouts, wgmma and TMA shapes, SMEM use. Compiling
-them to PTX needs a GPU, so these are lowering checks only.
+them to PTX needs a GPU, so these are lowering checks only. Each check also runs under a global
+`jax_default_matmul_precision="highest"`, which the kernels' dots must not inherit (Mosaic TPU
+rejects an fp32 contract precision on bf16 operands).
 """
 
 import contextlib
@@ -21,6 +23,11 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # pytest -n 2: each wo
 
 B, T, H, D = 1, 2000, 8, 128  # T not a multiple of the block: the ragged tail is compiled too
 SLOPES = jnp.linspace(0.9, 1e-4, H)
+
+
+def _precision(name):
+    """The global matmul precision for one test ("default": unset), scoped so it cannot leak."""
+    return contextlib.nullcontext() if name == "default" else jax.default_matmul_precision(name)
 
 
 def _loss(impl, segmented, q, k, v, h0, ids):
@@ -48,11 +55,17 @@ def v5p():
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-@pytest.mark.parametrize("segmented", [False, True])
+# "highest" only with segments (the dots are the same without them): each compile costs ~4 s; the
+# forward-only and sharded tests below compile the same kernel and stay at the default.
+_V5P_CASES = [("default", False), ("default", True), ("highest", True)]
+
+
+@pytest.mark.parametrize("precision,segmented", _V5P_CASES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_tpu_kernel_compiles_for_v5p_forward_and_backward(v5p, segmented, dtype):
+def test_tpu_kernel_compiles_for_v5p_forward_and_backward(v5p, precision, segmented, dtype):
     grad = jax.value_and_grad(lambda *a: _loss("pallas_tpu", segmented, *a), argnums=(0, 1, 2, 3))
-    compiled = jax.jit(grad).lower(*_args(dtype, v5p)).compile()
+    with _precision(precision):
+        compiled = jax.jit(grad).lower(*_args(dtype, v5p)).compile()
     text = compiled.as_text()
     # One forward kernel and three backward calls, all Mosaic.
     assert text.count('custom_call_target="tpu_custom_call"') == 4
@@ -79,27 +92,29 @@ def _abstract_h100():
         return contextlib.nullcontext()
 
 
+@pytest.mark.parametrize("precision", ["default", "highest"])
 @pytest.mark.parametrize("segmented", [False, True])
-def test_gpu_kernels_lower_for_cuda(segmented):
+def test_gpu_kernels_lower_for_cuda(segmented, precision):
     pytest.importorskip("jax.experimental.pallas.triton")
     grad = jax.value_and_grad(lambda *a: _loss("pallas_triton", segmented, *a), argnums=(0, 1, 2, 3))
     disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with _abstract_h100():
+    with _abstract_h100(), _precision(precision):
         exported = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=disabled)(*_args(jnp.bfloat16))
     text = exported.mlir_module()
     assert "__gpu$xla.gpu.triton" in text
     assert "lightning_span_states" in text and "lightning_span_outputs" in text
 
 
+@pytest.mark.parametrize("precision", ["default", "highest"])
 @pytest.mark.parametrize("segmented", [False, True])
-def test_mosaic_gpu_kernels_lower_for_cuda(segmented):
+def test_mosaic_gpu_kernels_lower_for_cuda(segmented, precision):
     """Forward and backward at the M1 head size: 2 kernels x (1 forward + 3 backward calls), where
     jax may share one lowered function between the two backward calls of equal shapes."""
     import re
 
     grad = jax.value_and_grad(lambda *a: _loss("pallas_mgpu", segmented, *a), argnums=(0, 1, 2, 3))
     disabled = [jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")]
-    with _abstract_h100():
+    with _abstract_h100(), _precision(precision):
         exported = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=disabled)(*_args(jnp.bfloat16))
     text = exported.mlir_module()
     calls = re.findall(r"stablehlo.custom_call @mosaic_gpu_v2\(([^)]*)\)", text)

@@ -41,7 +41,10 @@ def masks(ids_col: jax.Array, ids_row: jax.Array, prev_col: jax.Array) -> Masks:
 
 
 def _dot(a, b, dims):
-    prec = lax.Precision.HIGHEST if a.dtype == _F32 else None
+    # Always explicit, from the operand dtype: None would take a global `jax_default_matmul_precision`,
+    # and Mosaic TPU rejects "highest" (an fp32 contract) on bf16. Set here rather than by a scoped
+    # config reset around each kernel's tracing: one place for both kernels, next to the dot it governs.
+    prec = lax.Precision.HIGHEST if a.dtype == _F32 else lax.Precision.DEFAULT
     return lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=_F32, precision=prec)
 
 

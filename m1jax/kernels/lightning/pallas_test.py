@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from m1jax.kernels import lightning_attention, resolve_lightning_impl
 from m1jax.kernels.lightning import pallas_triton
@@ -132,6 +133,53 @@ def test_kernels_under_jit_with_dk_not_dv(impl):
     out, state = f(impl, q, k, v, h0, seg)
     ref_out, ref_state = f("recurrent", q, k, v, h0, seg)
     assert rel_rms(out, ref_out) <= 1e-5 and rel_rms(state, ref_state) <= 1e-5
+
+
+def _kernel_dots(jaxpr, inside=False):
+    """Precision of each dot_general inside a Pallas kernel body, at any depth."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if inside and eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    found += _kernel_dots(sub, inside or eqn.primitive.name == "pallas_call")
+    return found
+
+
+def _loss_and_grads(impl, q, k, v, h0, seg, w):
+    def f(q, k, v, h0):
+        o, s = run(impl, q, k, v, h0=h0, seg=seg)
+        return jnp.sum(o.astype(jnp.float32) * w) + jnp.sum(s), (o, s)
+
+    return jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, h0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernel_dots_ignore_the_global_matmul_precision(impl, dtype):
+    """Under a global "highest" each dot in the kernels (forward and backward calls) keeps the
+    precision its operands take: DEFAULT for 16-bit (Mosaic TPU rejects more), HIGHEST for fp32."""
+    t = C + 3
+    q, k, v, h0, seg = inputs(t, dtype=dtype)
+    w = jnp.ones((2, t, 4, 16))
+    with jax.default_matmul_precision("highest"):
+        jaxpr = jax.make_jaxpr(functools.partial(_loss_and_grads, impl))(q, k, v, h0, seg, w).jaxpr
+    want = lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+    dots = _kernel_dots(jaxpr)
+    assert dots and set(dots) == {(want, want)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_forward_under_global_highest_matches_recurrence(impl):
+    """Forward only: the backward calls the same forward, and the test above covers their dots."""
+    q, k, v, h0, seg = inputs(2 * C + 3, seed=5, dtype=jnp.bfloat16)
+    with jax.default_matmul_precision("highest"):
+        out, state = run(impl, q, k, v, h0=h0, seg=seg)
+        ref_out, ref_state = run("recurrent", *(x.astype(jnp.float32) for x in (q, k, v)), h0=h0, seg=seg)
+    assert rel_rms(out, ref_out) <= 1e-2 and rel_rms(state, ref_state) <= 1e-2
 
 
 def test_auto_resolves_by_platform_and_length():
