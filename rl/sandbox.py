@@ -15,18 +15,29 @@ the standard library is importable unless `site_packages=True`). Layers, outermo
   instead (the kernel ignores RLIMIT_NPROC for uid 0). With neither, forking is refused.
 * rlimits set by the prelude before the user code: CPU, address space, file size, open files,
   core dumps off.
+* Landlock (Linux >= 5.13, unprivileged, via ctypes in the prelude; `LANDLOCK = False` turns it
+  off): the kernel lets the program and its children open only its directory (read/write), its
+  stdio files, /dev/null, /dev/urandom, its own /proc/<pid>, and read-only what the interpreter
+  needs: the sys.path entries inside the Python installation (site-packages only with
+  `site_packages=True`), the directories of the loaded binary and libraries, time zones, CPU
+  topology. No exec; with ABI >= 4 no TCP bind/connect, >= 6 no signals or abstract unix sockets
+  outside. Fails closed: if the kernel offers Landlock and it cannot be applied, nothing runs.
 * seccomp (x86_64 / aarch64, via ctypes in the prelude): execve/execveat fail (and fork/clone
   without CLONE_THREAD when forking is refused), so no other binary can run without the guards.
 * audit hooks (`sys.addaudithook`, cannot be removed by the program): refuse sockets, process
-  execution, ctypes, writes/renames/removals outside the directory, rlimit changes, and (without
-  a PID namespace) signals to other processes.
+  execution, ctypes, writes/renames/removals outside the directory, opens and listings outside
+  the Landlock allow-list (the read layer where Landlock is missing), rlimit changes, and
+  (without a PID namespace) signals to other processes.
 
-Known gaps: the audit hooks see paths, not inodes (symlink races, `os.open(..., dir_fd=...)`);
-C extensions can open files without audit events; the hooks' state lives in the program's own
-interpreter (ctypes and gc.get_objects are refused, frames are not); `site_packages=True` allows
-ctypes (numpy needs it), which bypasses the hooks; as root outside a user namespace the program
-still owns root's files; without a PID namespace or cgroup, a child that calls setsid() can
-outlive the run. `isolation()` says which layers this machine provides.
+Known gaps: without Landlock, reads rest on the audit hooks, which see paths, not inodes (symlink
+races, `os.open(..., dir_fd=...)` escape them), miss C extensions opening files, and are bypassed
+by ctypes, which `site_packages=True` allows (numpy needs it); the hooks' state lives in the
+program's own interpreter (ctypes and gc.get_objects are refused, frames are not). Landlock
+does not restrict stat/readlink (names and metadata outside stay visible), children of the
+program cannot read their own /proc/<pid>, libraries outside the already-loaded directories
+cannot be dlopened, and with ABI 1 renames across directories fail (EXDEV). As root outside a
+user namespace the program still owns root's files; without a PID namespace or cgroup, a child
+that calls setsid() can outlive the run. `isolation()` says which layers this machine provides.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 _MAX_OUTPUT = 1 << 20  # bytes of stdout/stderr kept; the rest is summarised
+LANDLOCK = True  # False: restrict reads with the audit hook alone (tests use it to cover that layer)
 _CGROUP_ROOT = "/sys/fs/cgroup"
 
 # Runs inside the sandboxed interpreter before the user code. argv[1] is the JSON config.
@@ -55,6 +67,72 @@ cfg = json.loads(sys.argv[1])
 WORK = cfg["work"]
 _ALSO_WRITABLE = frozenset(cfg["also_writable"])  # /dev/null and what /dev/stdout, /dev/stderr lead to
 sys.argv = ["main.py"]
+
+
+# [(path, access)] the program may open (its directory, its stdio, what the interpreter needs) and the
+# site-packages directories beneath those that stay closed. Real paths: the audit hook compares prefixes.
+def _grants():
+    real = os.path.realpath
+    installs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    prefixes = tuple(real(p).rstrip("/") + "/" for p in installs)
+    # sys.path entries outside the installation (.pth files, e.g. an editable install of the trainer) stay closed.
+    dirs = [real(p) for p in sys.path if isinstance(p, str) and (real(p) + "/").startswith(prefixes)]
+    for line in open("/proc/self/maps"):  # interpreter, libpython, libc, locale: later dlopens come from there
+        f = line.rstrip("\n").split(None, 5)[5:]
+        if f and f[0].startswith("/") and not f[0].startswith(("/proc/", "/dev/")) and not f[0].endswith(" (deleted)"):
+            dirs.append(os.path.dirname(f[0]))
+    dirs += ["/usr/share/zoneinfo", "/sys/devices/system/cpu", real("/proc/self")]  # time zones, os.cpu_count
+    roots = []
+    for d in sorted(set(dirs)):  # a parent sorts before what lies beneath it
+        if d != "/" and not any(d.startswith(r + "/") for r in roots):
+            roots.append(d)
+    files = ["/etc/ld.so.cache", "/etc/localtime", "/dev/urandom", "/dev/random", "/dev/zero", cfg["stdin"]]
+    grants = [(WORK, "all"), ("/dev/null", "rw"), *[(f, "w") for f in _ALSO_WRITABLE - {"/dev/null"}]]
+    grants += [(p, "r") for p in roots + files]
+    if cfg["site_packages"]:
+        return grants, []
+    import site  # with -S importing it adds nothing to sys.path
+    return grants, sorted({real(p) for p in site.getsitepackages(sorted(installs))})
+
+
+# Kernel-enforced allow-list (Landlock LSM, unprivileged): afterwards this process and its children can
+# open only `grants`, whatever the route (C code, ctypes, dir_fd, symlink races). Rights the ABI lacks are
+# left out of the handled set, i.e. stay allowed: REFER needs ABI 2, TRUNCATE 3, IOCTL_DEV 5.
+def _landlock(abi, grants, hidden):
+    import ctypes, stat, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    def call(*args):
+        r = libc.syscall(*(a if isinstance(a, bytes) else ctypes.c_long(a) for a in args))
+        if r < 0:
+            raise OSError(ctypes.get_errno(), f"landlock syscall {args[0]}")
+        return r
+    fs = (1 << 13) - 1 | (abi >= 2) << 13 | (abi >= 3) << 14 | (abi >= 5) << 15
+    file_rights = fs & (1 | 2 | 4 | 1 << 14 | 1 << 15)  # all a rule on a non-directory may carry
+    access = {"r": 4 | 8, "w": 2 | 1 << 14, "rw": 2 | 4 | 1 << 14, "all": fs & ~1}  # EXECUTE nowhere
+    # ABI 4: TCP bind/connect handled and never allowed; ABI 6: no signals, abstract sockets outside the domain
+    attr = struct.pack("QQQ", fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+    ruleset = call(444, attr, len(attr), 0)
+    def allow(path, rights):
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return  # absent here
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        inner = is_dir and any(h.startswith(path + "/") for h in hidden)
+        if r := (rights & 8 if inner else rights) & (fs if is_dir else file_rights):
+            call(445, ruleset, 1, struct.pack("=Qi", r, fd), 0)  # LANDLOCK_RULE_PATH_BENEATH
+        if not path.startswith("/proc/"):  # procfs gives a re-looked-up pid dentry a new inode, without the
+            os.close(fd)  # rule: the open fd pins this one (disk, sysfs and tmpfs inodes the rule itself holds)
+        for e in os.scandir(path) if inner else ():  # listable; readable beside the hidden site-packages only
+            if e.path not in hidden and not e.is_symlink():
+                allow(e.path, rights)
+    for path, a in grants:
+        allow(path, access[a])
+    if libc.prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS: required to restrict oneself without CAP_SYS_ADMIN
+        raise OSError(ctypes.get_errno(), "prctl")
+    call(446, ruleset, 0)
+    os.close(ruleset)
 
 
 def _seccomp(deny_fork):
@@ -115,6 +193,14 @@ try:
 except Exception as e:
     sys.stderr.write(f"sandbox setup failed: {e!r}\n")
     os._exit(125)
+_GRANTS, _HIDDEN = _grants()
+if cfg["landlock"]:  # the parent saw Landlock on this kernel: fail closed rather than run without it
+    try:
+        _landlock(cfg["landlock"], _GRANTS, _HIDDEN)
+    except Exception as e:
+        sys.stderr.write(f"sandbox setup failed: landlock: {e!r}\n")
+        os._exit(125)
+_READABLE = tuple(p for p, a in _GRANTS if a != "w")
 try:
     _seccomp(cfg["deny_fork"])
 except Exception:
@@ -134,6 +220,7 @@ _EXEC = {"os.exec", "os.posix_spawn", "os.system", "subprocess.Popen", "pty.spaw
          "resource.prlimit", "gc.get_objects", "gc.get_referrers", "gc.get_referents"}
 _EXEC |= {"os.fork", "os.forkpty"} if cfg["deny_fork"] else set()
 _KILL = set() if cfg["status_fd"] is not None else {"os.kill", "os.killpg"}
+_LIST = {"os.listdir", "os.scandir", "os.listxattr", "os.getxattr"}
 _ALLOW_CTYPES = cfg["allow_ctypes"]
 _DENY_PREFIXES = ("socket.",) if _ALLOW_CTYPES else ("socket.", "ctypes.")  # ctypes bypasses the hooks
 
@@ -146,13 +233,26 @@ def _inside(path, dir_fd=None):
     return real == WORK or real.startswith(WORK + os.sep) or real in _ALSO_WRITABLE
 
 
+def _under(real, roots):
+    return any(real == r or real.startswith(r + os.sep) for r in roots)
+
+
+def _readable(path):  # the audit hook's copy of the allow-list: paths only, relative ones from the cwd (no dir_fd)
+    if isinstance(path, int):
+        return True  # an fd the program already holds
+    real = os.path.realpath(os.fsdecode("." if path is None else path))
+    return _under(real, _READABLE) and not _under(real, _HIDDEN)
+
+
 def _hook(event, args):
     if event == "open":
         path, mode, flags = args
         write = (flags or 0) & _W or (isinstance(mode, str) and any(c in mode for c in "wax+"))
-        # A read-only directory fd outside would let later dir_fd-relative opens escape.
-        if (write or (mode is None and not isinstance(path, int) and os.path.isdir(path))) and not _inside(path):
-            raise PermissionError(f"sandbox: {path!r} is outside the working directory")
+        if not (_inside(path) if write else _readable(path)):
+            raise PermissionError(f"sandbox: {path!r} is outside what the program may open")
+    elif event in _LIST:
+        if not _readable(args[0]):
+            raise PermissionError(f"sandbox: {event} of {args[0]!r} is not allowed")
     elif event in _PATHS:
         for i, j in _PATHS[event]:
             if not _inside(args[i], None if j is None else args[j]):
@@ -292,8 +392,31 @@ def _user_tasks() -> int | None:
 
 
 @functools.cache
-def isolation() -> dict[str, bool]:
-    """Which layers this machine provides (probed once; audit hooks and rlimits always apply)."""
+def _landlock_abi() -> int:
+    """The kernel's Landlock ABI version (444 = landlock_create_ruleset with the VERSION flag), 0 without."""
+    if sys.platform != "linux" or os.uname().machine not in ("x86_64", "aarch64"):
+        return 0
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        return max(int(libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1))), 0)
+    except (OSError, AttributeError):
+        return 0
+
+
+def isolation() -> dict[str, bool | int | str]:
+    """Which layers this machine provides (probed once; audit hooks and rlimits always apply).
+
+    "landlock" is the ABI version in use (False without); "read_restriction" names the strongest layer
+    limiting what the program can read, "landlock" or "audit-hook" (the hook applies in both cases)."""
+    abi = _landlock_abi() if LANDLOCK else 0
+    return {**_layers(), "landlock": abi or False, "read_restriction": "landlock" if abi else "audit-hook"}
+
+
+@functools.cache
+def _layers() -> dict[str, bool]:
     prefix, cg = _prefix(), _make_cgroups(f"m1jax-probe-{os.getpid()}", 8, 64)
     for d in cg:
         _remove_cgroup(d)
@@ -356,7 +479,9 @@ def run_code(
         status_fd = os.open(status, os.O_WRONLY | os.O_CREAT, 0o600) if prefix else None
         cfg = {"work": work, "also_writable": ["/dev/null", out, err], "rlimits": rlimits,
                "cgroups": [os.path.join(d, "cgroup.procs") for d in cgroups], "status_fd": status_fd,
-               "deny_fork": not capped or max_processes <= 1, "allow_ctypes": site_packages}  # fmt: skip
+               "deny_fork": not capped or max_processes <= 1, "allow_ctypes": site_packages,
+               "site_packages": site_packages, "stdin": os.path.join(io_dir, "stdin"),
+               "landlock": _landlock_abi() if LANDLOCK else 0}  # fmt: skip
         flags = ["-I", "-B"] + ([] if site_packages else ["-S"])
         argv = [*prefix, python, *flags, "-c", _PRELUDE, json.dumps(cfg)]
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}

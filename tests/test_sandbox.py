@@ -187,3 +187,140 @@ def test_run_many_keeps_order_and_per_item_options():
     assert sandbox.run_many([]) == []
     with pytest.raises(ValueError, match="per_item"):
         sandbox.run_many(["pass"], per_item=[])
+
+
+@pytest.fixture(params=["landlock", "audit-hook"])
+def read_layer(request, monkeypatch):
+    """Both read-restricting layers: Landlock (with the audit hook in front) and the audit hook alone."""
+    if request.param == "landlock" and not sandbox.isolation()["landlock"]:
+        pytest.skip("Landlock is unavailable on this kernel (or refused by a seccomp policy)")
+    if request.param == "audit-hook":
+        monkeypatch.setattr(sandbox, "LANDLOCK", False)
+    assert sandbox.isolation()["read_restriction"] == request.param
+    return request.param
+
+
+def _refused(attempts: list[str]) -> str:
+    """A program printing the attempts that did NOT raise PermissionError (so '[]' when all were refused)."""
+    code = "import os\nok = []\n"
+    for a in attempts:
+        code += f"try:\n    {a}\n    ok.append({a!r})\nexcept PermissionError:\n    pass\n"
+    return code + "print(ok)\n"
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """A file outside the sandbox, as a checkpoint or credentials file would be."""
+    path = tmp_path / "ckpt" / "secret.txt"
+    path.parent.mkdir()
+    path.write_text("s3cret")
+    return path
+
+
+def _hidden_file() -> str | None:
+    """A file in the base interpreter's site-packages (closed unless site_packages=True), if there is one."""
+    import site
+
+    for d in site.getsitepackages([sys.base_prefix]):
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
+
+
+def test_reads_outside_are_refused(read_layer, secret, sbx_root):
+    home = os.path.expanduser("~")
+    attempts = [
+        "open('/etc/passwd').read()",
+        f"open({str(secret)!r}).read()",
+        f"import pathlib; pathlib.Path({str(secret)!r}).read_text()",
+        f"os.read(os.open({str(secret)!r}, os.O_RDONLY), 9)",
+        f"import shutil; shutil.copy({str(secret)!r}, 'copy')",
+        f"os.symlink({str(secret)!r}, 'link'); open('link').read()",
+        "open('/proc/self/root/etc/passwd').read()",
+        "open('/proc/1/environ', 'rb').read()",
+        f"os.listdir({str(secret.parent)!r})",
+        "os.listdir('/')",
+        f"list(os.scandir({home!r}))",
+    ]
+    if hidden := _hidden_file():
+        attempts.append(f"open({hidden!r}, 'rb').read()")
+    r = sandbox.run_code(_refused(attempts))
+    assert r.ok, r.stderr
+    assert r.stdout == "[]\n"
+    _assert_clean(sbx_root)
+
+
+def test_program_still_works(read_layer, sbx_root):
+    code = (
+        "import json, math, re, collections, itertools, fractions, decimal, random, datetime, functools, heapq\n"
+        "import string, typing, dataclasses, unittest, time, os, sys, zlib, hashlib\n"
+        "os.mkdir('d'); open('d/f.txt', 'w').write('mine'); print(open('d/f.txt').read(), sorted(os.listdir('.')))\n"
+        "print(input(), open('/dev/stdin').read().split(), len(open('/dev/urandom', 'rb').read(4)))\n"
+        "print('Pid:' in open('/proc/self/status').read(), time.localtime().tm_year > 2000, os.cpu_count() > 0)\n"
+        "print(fractions.Fraction(1, 3) + 1, decimal.Decimal('1.1') * 2, math.comb(5, 2))\n"
+    )
+    r = sandbox.run_code(code, stdin="first\nsecond\n")
+    assert r.ok, r.stderr
+    assert r.stdout == "mine ['d', 'main.py']\nfirst ['first', 'second'] 4\nTrue True True\n4/3 2.2 10\n"
+    _assert_clean(sbx_root)
+
+
+def test_numpy_with_site_packages(read_layer):
+    pytest.importorskip("numpy")
+    code = "import numpy as np\nprint(np.linalg.solve(np.eye(3) * 2, np.ones(3)).sum())"
+    r = sandbox.run_code(code, site_packages=True)
+    assert r.ok and r.stdout == "1.5\n", r.stderr
+
+
+def test_landlock_refuses_what_the_audit_hook_cannot_see(secret):
+    # dir_fd-relative opens (the hook sees 's' next to the cwd; the kernel follows d/s) and ctypes calls into libc
+    # (allowed with site_packages=True) never reach the audit hook: only the kernel layer stops them.
+    if not sandbox.isolation()["landlock"]:
+        pytest.skip("Landlock is unavailable on this kernel (or refused by a seccomp policy)")
+    targets = ["/etc/passwd", str(secret), *filter(None, [_hidden_file()])]
+    attempts = [
+        f"os.makedirs('d', exist_ok=True); os.symlink({t!r}, 'd/s'); os.read(os.open('s', os.O_RDONLY, "
+        "dir_fd=os.open('d', os.O_RDONLY)), 9); os.remove('d/s')"
+        for t in targets
+    ]
+    r = sandbox.run_code(_refused(attempts))
+    assert r.ok and r.stdout == "[]\n", r.stderr
+    code = (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "def errno(path, flags=os.O_RDONLY):\n    fd = libc.open(path.encode(), flags)\n"
+        "    return ctypes.get_errno() if fd < 0 else os.close(fd)\n"
+        f"print([errno(p) for p in {['/etc/passwd', str(secret)]!r}], errno('/', os.O_DIRECTORY),"
+        f" errno({str(secret.parent)!r}, os.O_DIRECTORY))\n"
+        "print(errno('main.py'), errno(os.__file__), errno('/proc/self/status'), errno('.', os.O_DIRECTORY))\n"
+    )
+    r = sandbox.run_code(code, site_packages=True)
+    assert r.ok, r.stderr
+    assert r.stdout == "[13, 13] 13 13\nNone None None None\n"  # EACCES from the kernel; own files open
+
+
+def test_landlock_network_and_signal_scopes():
+    abi = sandbox.isolation()["landlock"]
+    if not abi:
+        pytest.skip("Landlock is unavailable on this kernel (or refused by a seccomp policy)")
+    if abi >= 4:  # TCP connect through libc, past the audit hook: EACCES from Landlock before routing
+        code = (
+            "import ctypes, socket, struct\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "s = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)\n"
+            "addr = struct.pack('=HH4s8x', socket.AF_INET, socket.htons(9), socket.inet_aton('127.0.0.1'))\n"
+            "print(s >= 0, libc.connect(s, addr, len(addr)), ctypes.get_errno())\n"
+        )
+        r = sandbox.run_code(code, site_packages=True)
+        assert r.ok and r.stdout == "True -1 13\n", r.stderr
+    if abi >= 6 and sandbox.isolation()["pidns"]:  # PID 1 is the namespace's init, outside the Landlock domain
+        r = sandbox.run_code("import os\ntry:\n    os.kill(1, 0)\nexcept PermissionError:\n    print('refused')")
+        assert r.ok and r.stdout == "refused\n", r.stderr
+
+
+def test_isolation_reports_the_read_layer(monkeypatch):
+    iso = sandbox.isolation()
+    assert {"netns", "pidns", "seccomp", "cgroup_pids", "landlock", "read_restriction"} <= set(iso)
+    assert iso["read_restriction"] == ("landlock" if iso["landlock"] else "audit-hook")
+    assert iso["landlock"] is False or (isinstance(iso["landlock"], int) and iso["landlock"] >= 1)
+    monkeypatch.setattr(sandbox, "LANDLOCK", False)
+    assert (sandbox.isolation()["landlock"], sandbox.isolation()["read_restriction"]) == (False, "audit-hook")
