@@ -24,9 +24,10 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "pretraining config file", lock_config=True)
+from experiments import cli
+
+_CONFIG = cli.config_flag(None, "pretraining config file")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:8x8x8, v5e:4x4, v4:2x2x2")
 _STEP = flags.DEFINE_enum("step", "both", ["pretrain", "cispo", "both"], "which step(s) to compile")
 _RL_PROMPT = flags.DEFINE_integer("rl_prompt_len", 0, "CISPO prompt length (0: seq_len / 4)")
@@ -209,12 +210,13 @@ def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
 
 def main(argv) -> None:
     del argv
+    from m1jax import host
+
+    host.for_tpu_compiles()  # before JAX starts: beside a running job, and without opening local TPU chips
     if _CONFIG.value is None:
         raise SystemExit("error: --config is required (e.g. configs/pretrain_m1_full.py)")
-    try:
+    with cli.main_errors():  # config errors: one line
         report = run(_CONFIG.value, _TOPOLOGY.value, _STEP.value, _RL_PROMPT.value)
-    except ValueError as e:  # config errors
-        raise SystemExit(f"error: {e}") from None
     text = json.dumps(report, indent=2)
     print(text)
     if _OUT.value:

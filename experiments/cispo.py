@@ -4,42 +4,33 @@
         --config.init_from=runs/pretrain [--config.loss=cispo|grpo|dapo|gspo] [--config.steps=...]
 
 configs/cispo_toy.py trains a small model from scratch on a digit-copy toy in about a minute.
-Re-running with the same --workdir resumes from the last checkpoint.
+Re-running with the same --workdir resumes from the last checkpoint; on a finished run it says
+so. A bad config or an expected failure is one `error:` line, exit 1; the log is WORKDIR/run.log.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from experiments import cli
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cispo_toy.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "ml_collections config file", lock_config=True)
+_CONFIG = cli.config_flag(_DEFAULT)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/cispo", "checkpoints, metrics.jsonl, TensorBoard events")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 
 
 def main(argv) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    from m1jax import distributed
-    from rl.loop import train  # after flag parsing: keeps --help fast
+    summary = cli.train("rl.loop:train", _CONFIG.value, _WORKDIR.value, _PROGRESS.value)
+    report(summary, _WORKDIR.value)
 
-    try:
-        distributed.initialize()  # multi-host jobs (launch/): before any JAX work
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
-    try:
-        summary = train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
-    except ValueError as e:  # config errors: a clear message, no traceback
-        raise SystemExit(f"error: {e}") from None
+def report(summary: dict, workdir: str) -> None:
     if summary["stopped_by"]:
-        print(f"stopped by {summary['stopped_by']} at step {summary['end_step']}; checkpoint saved in {_WORKDIR.value}")
+        print(f"stopped by {summary['stopped_by']} at step {summary['end_step']}; checkpoint saved in {workdir}")
         return
     before, after = summary.get("initial"), summary["final"]
 
@@ -48,9 +39,14 @@ def main(argv) -> None:
         extra = "" if sampled is None else f", sampled accuracy {sampled:.1%}"
         return f"greedy accuracy {m['eval_accuracy']:.1%}, mean reward {m['eval_reward']:.3f}{extra}"
 
+    if summary.get("complete"):
+        print(
+            f"the run in {workdir} is already complete at step {summary['end_step']}; results in "
+            f"{os.path.join(workdir, 'metrics.jsonl')} and summary.json. Raise --config.steps to train further."
+        )
     if before:
         print(f"held-out before: {line(before)}")
-    print(f"held-out after {summary['end_step']} steps: {line(after)}; workdir {_WORKDIR.value}")
+    print(f"held-out after {summary['end_step']} steps: {line(after)}; workdir {workdir}")
     names = {"eval_accuracy": "greedy accuracy", "eval_sampled_accuracy": "sampled accuracy", "eval_reward": "reward"}
     for k, name in names.items():  # paired over the same held-out prompts
         if (d := summary.get("change", {}).get(k)) is not None:

@@ -4,46 +4,47 @@
 
 Without --config it runs the embedded default (configs/pretrain_tiny.py: a small 7:1 hybrid MoE on
 the generated reasoning-task corpus, ~10 minutes on a 2-core CPU). Re-running with the same
---workdir resumes from the last checkpoint.
+--workdir resumes from the last checkpoint; on a finished run it says so (a larger
+--config.steps extends it). A bad config or an expected failure is one `error:` line, exit 1;
+the full log is in WORKDIR/run.log.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from experiments import cli
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain_tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "ml_collections config file", lock_config=True)
+_CONFIG = cli.config_flag(_DEFAULT)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain", "checkpoints, metrics.jsonl, TensorBoard events, samples")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 
 
 def main(argv) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
-    from m1jax import distributed
-    from m1jax.train.loop import train  # after flag parsing: keeps --help fast
+    summary = cli.train("m1jax.train.loop:train", _CONFIG.value, _WORKDIR.value, _PROGRESS.value)
+    report(summary, _WORKDIR.value)
 
-    try:
-        distributed.initialize()  # multi-host jobs (launch/): before any JAX work
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
-    try:
-        summary = train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
-    except ValueError as e:  # config / data errors: a clear message, no traceback
-        raise SystemExit(f"error: {e}") from None
-    if summary["stopped_by"]:
-        print(f"stopped by {summary['stopped_by']} at step {summary['end_step']}; checkpoint saved in {_WORKDIR.value}")
-        return
-    print(f"trained to step {summary['end_step']}: loss {summary['last_loss']:.4f}; workdir {_WORKDIR.value}")
+def report(summary: dict, workdir: str) -> None:
     import jax
 
+    if summary["stopped_by"]:
+        print(f"stopped by {summary['stopped_by']} at step {summary['end_step']}; checkpoint saved in {workdir}")
+        return
+    loss = summary.get("last_loss")
+    loss_text = "n/a" if loss is None else f"{loss:.4f}"
+    if summary.get("complete"):
+        print(
+            f"the run in {workdir} is already complete at step {summary['end_step']} (loss {loss_text}); "
+            f"results in {os.path.join(workdir, 'metrics.jsonl')}, summary.json and samples.jsonl. "
+            "Raise --config.steps to train further."
+        )
+    else:
+        print(f"trained to step {summary['end_step']}: loss {loss_text}; workdir {workdir}")
     if jax.process_index() != 0:  # the samples are the same on every process: shown once, by the first
         return
     for r in summary.get("samples", [])[:6]:

@@ -71,13 +71,23 @@ class Generation(NamedTuple):
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged prompts -> (tokens [B, T] right-aligned, lengths [B])."""
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
-    if lengths.min(initial=1) < 1:
-        raise ValueError("every prompt needs at least one token")
-    out = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
+    """Ragged prompts (lists of token ids) -> (tokens [B, T] right-aligned, lengths [B])."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence | np.ndarray):
+        raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given: pass at least one list of token ids")
+    rows = []
     for i, p in enumerate(prompts):
-        out[i, out.shape[1] - len(p) :] = p
+        row = np.asarray(p)
+        if row.ndim != 1 or not (row.size == 0 or np.issubdtype(row.dtype, np.integer)):
+            raise TypeError(f"prompt {i} must be a flat list of integer token ids, got {str(p)[:60]!r}")
+        rows.append(row)
+    lengths = np.asarray([len(r) for r in rows], np.int32)
+    if lengths.min() < 1:
+        raise ValueError(f"every prompt needs at least one token; prompt {int(lengths.argmin())} is empty")
+    out = np.full((len(rows), int(lengths.max())), pad_id, np.int32)
+    for i, r in enumerate(rows):
+        out[i, out.shape[1] - len(r) :] = r
     return out, lengths
 
 
@@ -94,7 +104,13 @@ def generate(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
 ) -> Generation:
-    """Sample continuations of ragged `prompts` (lists of token ids)."""
+    """Sample continuations of ragged `prompts` (lists of token ids). temperature 0 is greedy."""
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     tokens, lengths = left_pad(prompts, pad_id)
     check_tokens(tokens, cfg.vocab_size)  # outside jit, where the values are known
     rng = jax.random.PRNGKey(0) if rng is None else rng

@@ -61,8 +61,16 @@ class TensorSpec:
 # -- config ------------------------------------------------------------------------------
 
 
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 def config_from_hf(d: dict[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig from either layout's config.json (dict). `overrides` win (e.g. dtype)."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"config.json: expected a JSON object, got a JSON {type(d).__name__}")
+    missing = [k for k in _REQUIRED if k not in d]
+    if missing:
+        raise CheckpointError(f"config.json: missing required key(s) {missing}")
     model_type = d.get("model_type", "")
     if d.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json: hidden_act={d['hidden_act']!r} is not supported (only silu)")
@@ -253,7 +261,9 @@ def _open(file: str):
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
 
 
-def load_pretrained(path: str, *, param_dtype: str | None = None, shardings=None, **overrides: Any):
+def load_pretrained(
+    path: str, *, param_dtype: str | None = None, shardings=None, check_finite: bool = True, **overrides: Any
+):
     """Read a Hugging Face MiniMax checkpoint directory -> (ModelConfig, params).
 
     Accepts the official (`attn_type_list`) and transformers (`layer_types`) layouts, single or
@@ -261,7 +271,8 @@ def load_pretrained(path: str, *, param_dtype: str | None = None, shardings=None
     ModelConfig fields (e.g. dtype="float32"). `shardings`: optional `cfg -> pytree of
     jax.sharding.Sharding` (e.g. `lambda c: m1jax.sharding.param_shardings(c, mesh)`); each
     parameter goes straight onto its devices. Raises CheckpointError naming any missing,
-    unexpected or misshapen tensor.
+    unexpected or misshapen tensor, and (`check_finite`, on by default) any tensor holding NaN or
+    Inf; on a huge model `check_finite=False` skips that pass over the weights.
 
     Memory: parameters are assembled one stacked array at a time and handed to JAX at once, so the
     host holds the model plus one stacked array, never two copies.
@@ -276,7 +287,12 @@ def load_pretrained(path: str, *, param_dtype: str | None = None, shardings=None
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
-    cfg = config_from_hf(hf_cfg, **overrides)
+    try:
+        cfg = config_from_hf(hf_cfg, **overrides)
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_file}: {str(e).removeprefix('config.json: ')}") from None
+    except (TypeError, ValueError) as e:  # a key of the wrong type or value (ModelConfig's own checks)
+        raise CheckpointError(f"{cfg_file}: {e}") from e
     specs = tensor_specs(cfg)
     files = _shard_files(path)
     expected = {s.name for s in specs}
@@ -303,6 +319,12 @@ def load_pretrained(path: str, *, param_dtype: str | None = None, shardings=None
             w = reader.get(files[spec.name], spec.name)
             if tuple(w.shape) != spec.hf_shape:
                 raise CheckpointError(f"tensor {spec.name} has shape {tuple(w.shape)}, expected {spec.hf_shape}")
+            if check_finite and not np.isfinite(w).all():
+                bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+                raise CheckpointError(
+                    f"{files[spec.name]}: tensor {spec.name} holds {bad} NaN/Inf value(s) "
+                    "(check_finite=False loads it anyway)"
+                )
             buf[spec.index] = spec.to_ours(w).astype(buf.dtype, copy=False)
         sharding = _get(placement, leaf_path)
         _set(out, leaf_path, jax.block_until_ready(jax.device_put(buf, sharding)))

@@ -1,4 +1,11 @@
-"""Host-side settings for running on CPU: huge pages for malloc, and XLA CPU compiler options.
+"""Host-side settings: which JAX platforms to start, huge pages for malloc, XLA CPU compiler options.
+
+Platforms. With libtpu installed (the `tpu` extra) JAX tries to start a TPU backend in every
+process, also on machines without a TPU: ~7 lines of start-up errors, and the process then holds
+libtpu's lockfile, so a second process that needs libtpu (a TPU AOT compile) aborts.
+`skip_absent_tpu()`, run when `m1jax` is imported, leaves the TPU backend out where this host has
+no TPU chip and the user chose no platforms (JAX_PLATFORMS); `for_tpu_compiles()` lets a process
+load libtpu beside another one, for compiling only.
 
 Huge pages. XLA's CPU runtime allocates each step's temporaries as one block (2.5 GB for the ~100M
 benchmark model at T = 2048) and frees it when the step ends. glibc serves a block that large with
@@ -14,9 +21,74 @@ environment. Set M1JAX_HUGEPAGES=0 to leave malloc alone.
 from __future__ import annotations
 
 import functools
+import glob
+import importlib.util
 import os
 import platform
 import sys
+
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of Google's vendor id
+
+
+def tpu_chips_present() -> bool:
+    """True if a TPU chip is attached to this host (a Cloud TPU VM)."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as fh:
+                if fh.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return bool(glob.glob("/dev/accel[0-9]*"))
+
+
+def _gpu_platform() -> str | None:
+    """The GPU platform JAX can start here ("cuda" / "rocm"), or None."""
+    if any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")):
+        if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+            return "cuda"
+    if os.path.exists("/dev/kfd") and any(importlib.util.find_spec(f"jax_rocm{v}_plugin") for v in (6, 7)):
+        return "rocm"
+    return None
+
+
+def platforms_without_absent_tpu(environ=None) -> str | None:
+    """The `jax_platforms` value that skips a TPU backend this host cannot have, or None (leave
+    JAX's choice): None when the user set JAX_PLATFORMS, asked for TPU start-up
+    (JAX_FORCE_TPU_INIT), libtpu is not installed, or a TPU chip is attached."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in env or env.get("M1JAX_KEEP_PLATFORMS") == "1":
+        return None
+    if importlib.util.find_spec("libtpu") is None or tpu_chips_present():
+        return None
+    gpu = _gpu_platform()
+    return f"{gpu},cpu" if gpu else "cpu"
+
+
+def skip_absent_tpu() -> str | None:
+    """Leave the TPU backend out of JAX's start-up where it cannot work (see the module docstring).
+    Only before JAX starts its backends, and only if nobody chose platforms; returns the value set."""
+    import jax
+    from jax._src import xla_bridge
+
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: True)()  # unknown: assume started
+    if getattr(jax.config, "jax_platforms", None) or started:
+        return None
+    value = platforms_without_absent_tpu()
+    if value is not None:
+        jax.config.update("jax_platforms", value)
+    return value
+
+
+def for_tpu_compiles() -> None:
+    """Settings for a process that loads libtpu only to compile for a TPU topology: no local TPU
+    backend (a training job may own the chips), and libtpu may be loaded beside another process
+    (its lockfile guards the chips, which a compile never opens)."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+
 
 _TUNABLE = "glibc.malloc.hugetlb"
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"

@@ -207,8 +207,15 @@ def head_weight(cfg: ModelConfig, params):
 
 
 def check_tokens(tokens, vocab_size: int) -> None:
-    """Raise on out-of-range token ids when the values are known (not under `jit`)."""
-    if not isinstance(tokens, (np.ndarray, jax.Array)):
+    """Raise on tokens that are not an integer [B, T] array (always: shape and dtype are static) or
+    hold ids outside [0, vocab_size) (when the values are known, i.e. not under `jit`)."""
+    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+        raise TypeError(f"tokens must be an integer array [B, T], got {type(tokens).__name__}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if len(tokens.shape) != 2:
+        raise ValueError(f"tokens must be [B, T] (batch, time), got shape {tuple(tokens.shape)}")
+    if not isinstance(tokens, (np.ndarray, jax.Array)) or tokens.size == 0:
         return
     try:
         values = np.asarray(tokens)

@@ -11,7 +11,7 @@ import ml_collections
 
 from m1jax.train.config import base_config as pretrain_base
 from m1jax.train.config import checker, model_config
-from rl import advantages, losses
+from rl import advantages, losses, rewards
 
 OLD_LOGP = ("trainer", "sampler")
 SOURCES = ("tasks", "toy_copy", "toy_reverse")
@@ -133,7 +133,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.data.source in SOURCES, "data", f"data.source must be one of {SOURCES}")
     if c.loss == "cispo":
         need(c.cispo.ratio_max > max(c.cispo.ratio_min, 0.0), "cispo", "ratio_max must exceed ratio_min")
-    reward_weights(c.reward)
+    unknown = sorted(set(reward_weights(c.reward)) - set(rewards.available()))
+    need(not unknown, "reward", f"unknown reward(s) {unknown}; available: {', '.join(rewards.available())}")
     if not c.init_from:
         pre = pretrain_base()
         pre.model = c.model

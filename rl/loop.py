@@ -27,8 +27,8 @@ from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
 from m1jax.train.config import base_config as pretrain_base
 from m1jax.train.config import model_config
-from m1jax.train.loop import _stop_on_signals, make_optimizer, stop_requested
-from m1jax.train.metrics import MetricWriter
+from m1jax.train.loop import _stop_on_signals, finished, make_optimizer, stop_requested
+from m1jax.train.metrics import MetricWriter, clear_summary, write_summary
 from m1jax.train.step import Trainer
 from rl import advantages as adv_lib
 from rl import prompts as prompt_lib
@@ -201,7 +201,11 @@ def initial_state(trainer: RLTrainer, tx, seed: int, init_params=None) -> dict:
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
-    """Run (or resume) RL per config `c` in `workdir`. Returns a summary dict."""
+    """Run (or resume) RL per config `c` in `workdir`. Returns a summary dict.
+
+    A run that already reached `c.steps` is not trained again: the summary stored when it finished
+    comes back with `complete=True` (and the restored state); a larger `c.steps` extends it.
+    """
     validate(c)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as fh:
@@ -222,6 +226,11 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
     restored = ckpt.restore_latest(trainer.abstract_state)
     state, start = (fresh, 0) if restored is None else (restored[1], restored[0])
+    if start >= c.steps and (done := finished(workdir, start, c.steps)) is not None:
+        ckpt.close()
+        return dict(done, workdir=workdir, start_step=start, stopped_by=None, complete=True, state=state)
+    if restored is None:
+        clear_summary(workdir)  # of an earlier run in this workdir
     writer = MetricWriter(workdir, resume_step=start if restored else None)
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
     first_pp, last_pp = {}, {}
@@ -231,7 +240,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         summary["initial"] = first
 
     bar = None
-    if progress:
+    if progress and start < c.steps:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=start, desc=f"rl:{c.loss}", unit="step", dynamic_ncols=True)
@@ -255,19 +264,22 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         bar.close()
     ckpt.save(step, state, {"step": step}, force=True, wait=True)
     ckpt.close()
-    writer.close()
     summary.update(end_step=step, checkpoints=ckpt.steps(), state=state)
     if step < c.steps:
+        writer.close()
         summary["stopped_by"] = flag["signal"] or "stop_at"
         log.warning(f"{summary['stopped_by']}: saved a checkpoint at step {step}; rerun the same command to resume")
-    else:
-        done = last_eval is not None and last_eval[0] == step
-        if not done:  # (each evaluation overwrites the same per-prompt keys)
-            last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp))
-        summary["final"] = last_eval[1]
-        if not first_pp:  # resumed: the initial policy is the reference, so evaluate that
-            evaluate(cfg, ref_params, tokenizer, c, reward_fn, per_prompt=first_pp)
-        summary["change"] = paired_change(first_pp, last_pp)
+        return summary
+    done = last_eval is not None and last_eval[0] == step
+    if not done:  # (each evaluation overwrites the same per-prompt keys)
+        last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp))
+    writer.close()
+    summary["final"] = last_eval[1]
+    if not first_pp:  # resumed: the initial policy is the reference, so evaluate that
+        summary["initial"] = evaluate(cfg, ref_params, tokenizer, c, reward_fn, per_prompt=first_pp)
+    summary["change"] = paired_change(first_pp, last_pp)
+    keep = ("end_step", "checkpoints", "initial", "final", "change")
+    write_summary(workdir, {k: summary[k] for k in keep} | {"steps": c.steps})  # last: marks the run complete
     return summary
 
 

@@ -1,5 +1,6 @@
 """m1jax.host: the huge-page malloc re-exec and the XLA CPU compiler options."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 
 from m1jax import host
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -83,3 +86,66 @@ def test_cpu_compiler_options_compile_and_keep_the_numbers():
 def test_compiler_options_only_for_cpu():
     assert host.compiler_options([types.SimpleNamespace(platform="gpu")]) is None
     assert host.compiler_options([types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="tpu")]) is None
+
+
+def test_platforms_skip_an_absent_tpu(monkeypatch):
+    monkeypatch.setattr(host, "tpu_chips_present", lambda: False)
+    monkeypatch.setattr(host, "_gpu_platform", lambda: None)
+    monkeypatch.setattr(host.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    assert host.platforms_without_absent_tpu({}) == "cpu"
+    monkeypatch.setattr(host, "_gpu_platform", lambda: "cuda")
+    assert host.platforms_without_absent_tpu({}) == "cuda,cpu"
+    assert host.platforms_without_absent_tpu({"JAX_PLATFORMS": "tpu"}) is None  # the user's choice
+    assert host.platforms_without_absent_tpu({"JAX_FORCE_TPU_INIT": "1"}) is None
+    assert host.platforms_without_absent_tpu({"M1JAX_KEEP_PLATFORMS": "1"}) is None
+    monkeypatch.setattr(host, "tpu_chips_present", lambda: True)  # a TPU VM: JAX's own choice
+    assert host.platforms_without_absent_tpu({}) is None
+    monkeypatch.setattr(host, "tpu_chips_present", lambda: False)
+    monkeypatch.setattr(host.importlib.util, "find_spec", lambda name: None)  # no libtpu: nothing to skip
+    assert host.platforms_without_absent_tpu({}) is None
+
+
+_HOLD = """
+import os, sys, time
+import m1jax, jax
+jax.devices()
+maps = open("/proc/self/maps").read()
+fds = [os.readlink(f"/proc/self/fd/{f}") for f in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{f}")]
+print(jax.config.jax_platforms, "libtpu" in maps, any("libtpu_lockfile" in f for f in fds), flush=True)
+sys.stdin.read()  # hold on, as a training job would, until the test is done
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_cpu_job_neither_probes_nor_locks_libtpu_and_tpu_compiles_run_beside_it(tmp_path):
+    """With libtpu installed but no TPU chip: importing m1jax keeps JAX off the TPU backend (no
+    start-up errors, libtpu not loaded, its lockfile not held), and a TPU AOT compile in a second
+    process works while the first runs."""
+    if host.tpu_chips_present():
+        pytest.skip("this host has TPU chips: JAX's own platform choice applies")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD")}
+    job = subprocess.Popen(
+        [sys.executable, "-c", _HOLD], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        platforms, loaded, locked = job.stdout.readline().split()
+        assert (loaded, locked) == ("False", "False")
+        has_libtpu = importlib.util.find_spec("libtpu") is not None
+        assert platforms == ("cpu" if has_libtpu else "None")
+        if has_libtpu:
+            compile_ = (
+                "from m1jax import host; host.for_tpu_compiles()\n"
+                "import jax, jax.numpy as jnp\n"
+                "from experiments.aot import topology_devices\n"
+                "d = topology_devices('v5p:2x2x1')[:1]\n"
+                "s = jax.sharding.SingleDeviceSharding(d[0])\n"
+                "jax.jit(lambda x: x @ x).lower(jax.ShapeDtypeStruct((128, 128), jnp.bfloat16, sharding=s)).compile()\n"
+                "print('compiled for', d[0].device_kind)\n"
+            )
+            out = subprocess.run([sys.executable, "-c", compile_], env=env, capture_output=True, text=True, cwd=ROOT)
+            assert out.returncode == 0 and "compiled for TPU v5" in out.stdout, out.stderr[-3000:]
+    finally:
+        _, err = job.communicate(input="", timeout=60)  # ends the job's read of stdin
+    for noise in ("TPU", "tpu", "E0000", "libtpu"):
+        assert noise not in err, err  # no start-up errors in the job's output

@@ -71,6 +71,12 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     for x, y in zip(ra, rb, strict=True):
         for k in ("reward", "loss", "grad_norm", "kl"):
             np.testing.assert_allclose(y[k], x[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    # Rerunning the finished run trains nothing and returns what it stored when it finished.
+    before = open(os.path.join(a, "metrics.jsonl")).read()
+    again = train(small_toy(), a, progress=False)
+    assert again["complete"] and again["end_step"] == 6 and again["final"] == pytest.approx(sa["final"])
+    assert again["change"]["eval_reward"]["delta"] == pytest.approx(sa["change"]["eval_reward"]["delta"])
+    assert open(os.path.join(a, "metrics.jsonl")).read() == before
 
 
 @pytest.mark.parametrize("loss", ["grpo", "dapo", "gspo"])
@@ -89,11 +95,17 @@ def test_every_loss_runs_under_the_same_harness(tmp_path, loss):
         ("samples_per_prompt", 1, "samples_per_prompt"),
         ("zero_variance", "skip", "zero_variance"),
         ("reward", "task:x", "not a number"),
+        ("reward", "task,bogus", r"unknown reward\(s\) \['bogus'\]; available: code, format, math"),
+        ("cispo", {"ratio_maxx": 1.0}, r"'ratio_maxx' \(did you mean 'ratio_max'\?\) in config.cispo"),
     ],
 )
 def test_config_errors_name_the_field(field, value, match):
     c = base_config()
-    c[field] = value
+    if isinstance(value, dict):
+        with c.unlocked():
+            c[field].update(value)
+    else:
+        c[field] = value
     with pytest.raises(ValueError, match=match):
         validate(c)
 

@@ -11,13 +11,59 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
 
+from m1jax.errors import RunError
+
 log = logging.getLogger("m1jax")
 
 _MAX_LISTED = 8  # mismatching tensors named in an error; a changed width touches almost every one
+
+
+class CheckpointRestoreError(RunError):
+    """Checkpoints exist but none of them restores."""
+
+
+def _short(e: Exception, limit: int = 200) -> str:
+    """An exception as one line of at most `limit` characters (tensorstore errors embed whole specs)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class _LeftoverReads(logging.Filter):
+    """Drops asyncio's '... exception was never retrieved' for the reads of a failed restore."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "exception was never retrieved" in text and ("async_deserialize" in text or "DATA_LOSS" in text):
+            log.debug("ignored a leftover read of a failed checkpoint restore: %s", text.splitlines()[-1][:200])
+            return False
+        return True
+
+
+def _quiet_failed_restore_leftovers() -> None:
+    """Silence the leftovers of a failed restore: they are harmless and would print dozens of
+    tracebacks per corrupt checkpoint. When one tensor fails to read, orbax closes its event loop
+    while tensorstore still completes the other reads: their callbacks fail on the closed loop
+    (unraisable 'Event loop is closed' errors) and their futures' errors are never retrieved
+    (asyncio logs each). Both go to the log at debug level; anything else passes through.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_m1jax_quiet", False):
+        return
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            log.debug("ignored a leftover read callback of a failed checkpoint restore: Event loop is closed")
+            return
+        previous(u)
+
+    hook._m1jax_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_LeftoverReads())
 
 
 def _key_name(k) -> str:
@@ -89,6 +135,7 @@ class Checkpointer:
         same run would not fit either, so nothing is skipped.
         """
         failures = []
+        _quiet_failed_restore_leftovers()  # before: the leftovers of a failed read fire during the restore
         for step in reversed(self.steps()):
             mismatch = self._layout_mismatch(step, abstract_state)
             if mismatch:
@@ -100,15 +147,22 @@ class Checkpointer:
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
                 out = self.manager.restore(step, args=args)
             except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-                msg = f"checkpoint at step {step} in {self.directory} could not be restored ({type(e).__name__}: {e})"
-                log.warning(msg + "; falling back to the previous checkpoint")
-                failures.append(msg)
+                log.debug(f"restoring step {step} of {self.directory} failed", exc_info=True)
+                short = _short(e)
+                log.warning(
+                    f"checkpoint at step {step} in {self.directory} could not be restored ({short}); "
+                    "falling back to the previous checkpoint"
+                )
+                failures.append(f"step {step}: {short}")
                 continue
             if failures:
                 log.warning(f"resumed from step {step} after skipping {len(failures)} unreadable checkpoint(s)")
             return step, out["state"], out["data"]
         if failures:
-            raise RuntimeError("no checkpoint could be restored:\n" + "\n".join(failures))
+            raise CheckpointRestoreError(
+                f"none of the {len(failures)} checkpoint(s) in {self.directory} could be restored; move that "
+                "directory away to start afresh, or use another workdir:\n  " + "\n  ".join(failures)
+            )
         return None
 
     def _layout_mismatch(self, step: int, abstract_state) -> str | None:

@@ -8,6 +8,7 @@ and change what they need. `model` is a preset name plus `ModelConfig` overrides
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import ml_collections
 
@@ -67,6 +68,18 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _unknown(names, known, where: str) -> str | None:
+    """An error message for `names` missing from `known` (with close matches), or None."""
+    bad = sorted(set(names) - set(known))
+    if not bad:
+        return None
+    hints = []
+    for b in bad:
+        close = difflib.get_close_matches(b, list(known), n=1)
+        hints.append(f"{b!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown field(s) {', '.join(hints)} in {where}; it has: {', '.join(sorted(known))}"
+
+
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     """The `ModelConfig` of a training config (a preset name plus overrides)."""
     overrides = dict(c.model)
@@ -74,17 +87,24 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     if name not in presets.PRESETS:
         raise ValueError(f"config.model.preset={name!r} is not one of {sorted(presets.PRESETS)}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"config.model has unknown ModelConfig fields {unknown}")
+    if msg := _unknown(overrides, known | {"preset"}, "config.model (ModelConfig fields)"):
+        raise ValueError(msg)
     return presets.PRESETS[name](**overrides)
+
+
+def unknown_fields(c: ml_collections.ConfigDict, base: ml_collections.ConfigDict, prefix: str = "config") -> None:
+    """Raise ValueError naming any field of `c` that `base` lacks, at any depth (`model` holds
+    ModelConfig overrides and is checked by `model_config`)."""
+    if msg := _unknown(c.keys(), base.keys(), prefix):
+        raise ValueError(msg)
+    for k, v in base.items():
+        if k != "model" and isinstance(v, ml_collections.ConfigDict) and isinstance(c[k], ml_collections.ConfigDict):
+            unknown_fields(c[k], v, f"{prefix}.{k}")
 
 
 def checker(c: ml_collections.ConfigDict, base: ml_collections.ConfigDict):
     """Reject fields `base` lacks; return need(ok, field, msg), which raises naming field and value."""
-    unknown = sorted(set(c.keys()) - set(base.keys()))
-    if unknown:
-        raise ValueError(f"unknown config fields {unknown}")
+    unknown_fields(c, base)
 
     def need(ok: bool, field: str, msg: str) -> None:
         if not ok:

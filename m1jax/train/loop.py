@@ -28,19 +28,20 @@ from m1jax import sharding as shd
 from m1jax.data import tasks as task_lib
 from m1jax.data.pipeline import Packer, load_corpus
 from m1jax.data.tokenizer import load_tokenizer
+from m1jax.errors import RunError
 from m1jax.generate import generate
 from m1jax.train import flops as flops_lib
 from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
 from m1jax.train.config import check_batch_layout, validate
-from m1jax.train.metrics import MetricWriter
+from m1jax.train.metrics import MetricWriter, clear_summary, last_value, read_summary, write_summary
 from m1jax.train.step import Trainer
 
 log = logging.getLogger("m1jax")
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(RunError):
+    """`max_bad_steps` steps in a row had a non-finite loss or gradient."""
 
 
 @contextlib.contextmanager
@@ -135,11 +136,28 @@ def make_optimizer(c: ml_collections.ConfigDict):
     return lr_fn, tx
 
 
+def finished(workdir: str, step: int, steps: int) -> dict | None:
+    """The stored summary of a run that finished at `step` (its final stage included), or None.
+
+    With several processes, process 0 decides and tells the others: they must take the same path,
+    since the final stage is a collective."""
+    done = read_summary(workdir)
+    ok = done is not None and done.get("end_step") == step and step >= steps
+    if jax.process_count() > 1:
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+        done = done if ok else None
+    return done if ok else None
+
+
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
     """Train (or resume) per config `c` in `workdir`. Returns a summary dict.
 
     stop_at: stop after this step as a preemption would (checkpoint, no samples); the schedule
     still runs to `c.steps`, so a later call resumes the same run.
+
+    A run that already reached `c.steps` is not trained again: the summary stored when it finished
+    comes back with `complete=True`. With a larger `c.steps` it goes on from its last checkpoint
+    (the learning-rate schedule is then recomputed for the new length).
     """
     os.makedirs(workdir, exist_ok=True)
     tokenizer = load_tokenizer(c.data.tokenizer)
@@ -166,6 +184,24 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         start, state, data_state = restored
         packer.restore(data_state)  # this process's entry; a different process count is an error
         log.info(f"resumed from step {start} ({ckpt.directory})")
+    if start >= c.steps and (done := finished(workdir, start, c.steps)) is not None:
+        ckpt.close()
+        if start > c.steps:
+            log.warning(f"the run in {workdir} finished at step {start}, past config.steps={c.steps}")
+        samples_path = os.path.join(workdir, "samples.jsonl")
+        rows = []
+        if os.path.exists(samples_path):
+            with open(samples_path) as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+        return dict(done, workdir=workdir, start_step=start, stopped_by=None, complete=True, samples=rows)
+    if restored is None and primary:
+        clear_summary(workdir)  # of an earlier run in this workdir
+    previous = read_summary(workdir) if restored else None
+    if previous is not None and previous.get("end_step") == start < c.steps:
+        log.warning(
+            f"extending the finished run in {workdir} from step {start} to config.steps={c.steps}; the "
+            f"learning-rate schedule is recomputed for {c.steps} steps (it was for {previous.get('steps')})"
+        )
     writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=primary)
 
     fpt = flops_lib.train_flops_per_token(cfg, c.seq_len)
@@ -174,7 +210,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
 
     bar = None
-    if progress and primary:  # one bar, not one per process
+    if progress and primary and start < c.steps:  # one bar, not one per process
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
@@ -220,6 +256,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
 
     ckpt.save(step, state, gather_data_state(packer), force=True, wait=True)
     ckpt.close()
+    if last_loss is None:  # nothing trained now (the final stage of a finished run is repeated)
+        last_loss = last_value(workdir, "loss")
     summary.update(end_step=step, last_loss=last_loss, checkpoints=ckpt.steps())
     if step < c.steps:
         summary["stopped_by"] = flag["signal"] or "stop_at"
@@ -235,6 +273,12 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         writer.write_text("samples", "\n\n".join(f"{r['prompt']}{r['completion']}" for r in rows[:8]), step)
     writer.close()
     summary.update(samples=rows, sample_accuracy=acc)
+    if primary:  # last: its presence says the run, final stage included, is done
+        write_summary(
+            workdir,
+            {k: summary[k] for k in ("end_step", "last_loss", "sample_accuracy", "checkpoints")}
+            | {"steps": c.steps, "num_samples": len(rows)},
+        )
     return summary
 
 
