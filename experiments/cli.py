@@ -1,14 +1,16 @@
 """What the command-line programs share: the config flag, logging, and expected failures.
 
 - `config_flag(default)`: an ml_collections config file whose fields are overridden with
-  `--config.<field>=value`. Any name is accepted at parse time, so that the config's own checks
-  (`validate`) reject an unknown one by name, with the valid ones, instead of a flags traceback.
+  `--config.<field>=value`. Any leaf name is accepted while flags are parsed, so that the config's
+  own checks (`validate`) reject an unknown one by name, with the valid ones; an override that
+  cannot even be placed (`--config.nonsense.deep=1`, `--config.steps.x=1`) or a value that does not
+  parse is one `error:` line too (`parse_flags`, the flags parser of `app.run`).
 - `setup_logging(workdir)`: the console shows m1jax's own messages and other libraries' warnings;
   `workdir/run.log` gets m1jax's debug messages (tracebacks of expected failures included) and
   other libraries' INFO and up.
-- `main_errors(workdir)`: a context in which a bad config, data or checkpoint (`ValueError`) or an
-  expected end of a run (`m1jax.errors.RunError`) prints one `error: ...` line and exits 1; the
-  traceback goes to the log file.
+- `main_errors(log_file)`: a context in which a bad config, data or checkpoint (`ValueError`) or
+  an expected end of a run (`m1jax.errors.RunError`) prints one `error: ...` line and exits 1;
+  the traceback goes to the log file.
 """
 
 from __future__ import annotations
@@ -17,55 +19,98 @@ import contextlib
 import importlib
 import logging
 import os
+import runpy
 import sys
 
-from ml_collections import config_flags
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 log = logging.getLogger("m1jax")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_PARSE_ERRORS = (KeyError, AttributeError, TypeError, ValueError, IndexError)  # what a bad override raises
 
 
 def config_flag(default: str | None, help_text: str = "ml_collections config file; override with --config.<field>="):
-    _check_config_path(sys.argv)  # the flag loads the file while it is defined: a missing one is a traceback
-    return config_flags.DEFINE_config_file("config", default, help_text, lock_config=False, accept_new_attributes=True)
+    """The --config flag. Defining it loads `default` with the command line's overrides, so a bad
+    one fails here, before `app.run`: reported as one line like the rest."""
+    _check_config_path(sys.argv)
+    try:
+        return config_flags.DEFINE_config_file(
+            "config", default, help_text, lock_config=False, accept_new_attributes=True
+        )
+    except _PARSE_ERRORS as e:
+        raise SystemExit(f"error: {describe_override_error(sys.argv, default, e)}") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run`'s flags parser: a flag or config override that does not parse is one line, exit 1."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {e}") from None
+    except _PARSE_ERRORS as e:
+        raise SystemExit(f"error: {describe_override_error(argv, None, e)}") from None
+
+
+def _config_arg(argv) -> str | None:
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
 def _check_config_path(argv) -> None:
     """Exit with one line if --config names a file that does not exist (`file.py:arg` allowed)."""
-    for i, arg in enumerate(argv[1:], 1):
-        if arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-        else:
+    value = _config_arg(argv)
+    if value is not None and not os.path.isfile(path := value.split(":", 1)[0]):
+        raise SystemExit(f"error: --config={value}: no such config file ({os.path.abspath(path)})")
+
+
+def describe_override_error(argv, default: str | None, error: Exception) -> str:
+    """Which `--config.a.b=v` override could not be placed in the config, and why (the section
+    that does not exist, with the closest names; or a value that is not a section)."""
+    from m1jax.train.config import unknown_message
+
+    value = _config_arg(argv) or default
+    try:
+        path, _, arg = value.partition(":")
+        get_config = runpy.run_path(path)["get_config"]
+        config = get_config(arg) if arg else get_config()
+    except Exception:  # noqa: BLE001 - the config file itself is broken: its own error says more
+        return f"{type(error).__name__}: {error}"
+    for arg in argv[1:]:
+        if not arg.startswith(("--config.", "--noconfig.")):
             continue
-        path = value.split(":", 1)[0]
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --config={value}: no such config file ({os.path.abspath(path)})")
+        field = arg.split("=", 1)[0].split(".", 1)[1]
+        node, where = config, "config"
+        for part in field.split(".")[:-1]:
+            if not isinstance(node, config_dict.ConfigDict):
+                return f"{arg}: {where} is a value, not a section with fields"
+            if part not in node:
+                return f"{arg}: " + unknown_message([part], node.keys(), where)
+            node, where = node[part], f"{where}.{part}"
+        if not isinstance(node, config_dict.ConfigDict):
+            return f"{arg}: {where} is a value, not a section with fields"
+    return f"{type(error).__name__}: {error}"
 
 
 class _ConsoleFilter(logging.Filter):
-    """m1jax's INFO and up; other libraries' WARNING and up, except orbax's (via absl), which logs
-    each save at INFO and a skipped corrupt checkpoint at ERROR: that story is told by m1jax."""
+    """m1jax's INFO and up; other libraries' WARNING and up. orbax (logging through absl) shows its
+    errors only: it logs each save at INFO, and its report of a corrupt checkpoint's metadata
+    repeats what m1jax says when it falls back to the previous checkpoint."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "m1jax" or record.name.startswith("m1jax."):
             return record.levelno >= logging.INFO
         if record.name == "absl":
-            return record.levelno >= logging.CRITICAL
+            return record.levelno >= logging.ERROR and not record.getMessage().startswith("Failed to read Metadata")
         return record.levelno >= logging.WARNING
 
 
-def log_path(workdir: str) -> str:
-    """`workdir/run.log` for process 0, `run.<i>.log` for the others (they share one workdir)."""
-    import jax
-
-    i = jax.process_index()
-    return os.path.join(workdir, "run.log" if i == 0 else f"run.{i}.log")
-
-
-def setup_logging(workdir: str | None = None) -> str | None:
-    """Console handler (see `_ConsoleFilter`), and a DEBUG file handler in `workdir`; returns its path."""
+def setup_logging(log_file: str | None = None) -> None:
+    """Console handler (see `_ConsoleFilter`), and a file handler at `log_file` if given."""
     root = logging.getLogger()
     for h in list(root.handlers):  # absl's handler: its own format, and every library's INFO
         root.removeHandler(h)
@@ -76,18 +121,15 @@ def setup_logging(workdir: str | None = None) -> str | None:
     console.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
     console.addFilter(_ConsoleFilter())
     root.addHandler(console)
-    if workdir is None:
-        return None
-    os.makedirs(workdir, exist_ok=True)
-    path = log_path(workdir)
-    file = logging.FileHandler(path)
-    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(file)
-    return path
+    if log_file is not None:
+        os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+        file = logging.FileHandler(log_file)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file)
 
 
 @contextlib.contextmanager
-def main_errors(where: str | None = None):
+def main_errors(log_file: str | None = None):
     """Expected failures as one line on stderr and exit status 1 (see the module docstring)."""
     from m1jax.errors import RunError
 
@@ -95,20 +137,27 @@ def main_errors(where: str | None = None):
         yield
     except (ValueError, RunError) as e:
         log.debug("the run ended with an error", exc_info=True)
-        more = f" (log: {where})" if where else ""
+        more = f" (log: {log_file})" if log_file else ""
         raise SystemExit(f"error: {e}{more}") from None
 
 
 def train(entry: str, config, workdir: str, progress: bool) -> dict:
-    """Join a multi-host job if the environment says so, log to `workdir`, and run `entry`
-    ("module:function", imported only now so that --help stays fast) as `fn(config, workdir,
-    progress=...)`; expected failures end the process with one line (`main_errors`)."""
+    """Join a multi-host job if the environment says so, log to `workdir/run.log` (process i > 0:
+    `run.<i>.log`, they share the workdir), and run `entry` ("module:function", imported only now
+    so that --help stays fast) as `fn(config, workdir, progress=...)`; expected failures end the
+    process with one line (`main_errors`)."""
     setup_logging()
     with main_errors():
         from m1jax import distributed
 
-        distributed.initialize()  # multi-host jobs (launch/): before any JAX work
-    log_file = setup_logging(workdir)
+        multi = distributed.initialize()  # multi-host jobs (launch/): before any JAX work
+    index = 0
+    if multi:  # a single process needs no backend to know it is process 0
+        import jax
+
+        index = jax.process_index()
+    log_file = os.path.join(workdir, "run.log" if index == 0 else f"run.{index}.log")
+    setup_logging(log_file)
     module, name = entry.split(":")
     fn = getattr(importlib.import_module(module), name)
     with main_errors(log_file):

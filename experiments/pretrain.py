@@ -59,4 +59,4 @@ if __name__ == "__main__":
     from m1jax import host
 
     host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -71,16 +71,22 @@ class Generation(NamedTuple):
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged prompts (lists of token ids) -> (tokens [B, T] right-aligned, lengths [B])."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence | np.ndarray):
+    """Ragged prompts (lists of token ids, or a [B, T] array) -> (tokens [B, T] right-aligned, lengths [B])."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence | np.ndarray | jax.Array):
         raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one list of token ids")
     rows = []
     for i, p in enumerate(prompts):
-        row = np.asarray(p)
+        try:
+            row = np.asarray(p)
+        except ValueError:  # ragged nesting
+            row = np.asarray(None)
         if row.ndim != 1 or not (row.size == 0 or np.issubdtype(row.dtype, np.integer)):
             raise TypeError(f"prompt {i} must be a flat list of integer token ids, got {str(p)[:60]!r}")
+        lo, hi = (int(row.min()), int(row.max())) if row.size else (0, 0)
+        if lo < 0 or hi > np.iinfo(np.int32).max:  # before the int32 cast, which would wrap them
+            raise ValueError(f"prompt {i} holds token ids outside [0, 2**31): min {lo}, max {hi}")
         rows.append(row)
     lengths = np.asarray([len(r) for r in rows], np.int32)
     if lengths.min() < 1:

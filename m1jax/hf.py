@@ -291,8 +291,8 @@ def load_pretrained(
         cfg = config_from_hf(hf_cfg, **overrides)
     except CheckpointError as e:
         raise CheckpointError(f"{cfg_file}: {str(e).removeprefix('config.json: ')}") from None
-    except (TypeError, ValueError) as e:  # a key of the wrong type or value (ModelConfig's own checks)
-        raise CheckpointError(f"{cfg_file}: {e}") from e
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:  # a key of the wrong type or value
+        raise CheckpointError(f"{cfg_file}: invalid config ({type(e).__name__}: {e})") from e
     specs = tensor_specs(cfg)
     files = _shard_files(path)
     expected = {s.name for s in specs}

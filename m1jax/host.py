@@ -27,52 +27,60 @@ import os
 import platform
 import sys
 
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of Google's vendor id
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+# PCI device ids of TPU chips (v3, v4, v5p, v5e, v6e, 7x and one unnamed): Google's vendor id alone
+# also marks the virtual NICs and disks of ordinary Cloud VMs.
+_TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
 
 
 def tpu_chips_present() -> bool:
     """True if a TPU chip is attached to this host (a Cloud TPU VM)."""
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor) as fh:
-                if fh.read().strip() == _GOOGLE_PCI_VENDOR:
-                    return True
-        except OSError:
-            continue
-    return bool(glob.glob("/dev/accel[0-9]*"))
+        if _read(vendor) == _GOOGLE_PCI_VENDOR and _read(vendor[: -len("vendor")] + "device") in _TPU_PCI_DEVICES:
+            return True
+    return bool(glob.glob("/dev/accel[0-9]*")) or bool(glob.glob("/dev/vfio/[0-9]*"))
 
 
-def _gpu_platform() -> str | None:
-    """The GPU platform JAX can start here ("cuda" / "rocm"), or None."""
-    if any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")):
-        if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
-            return "cuda"
-    if os.path.exists("/dev/kfd") and any(importlib.util.find_spec(f"jax_rocm{v}_plugin") for v in (6, 7)):
-        return "rocm"
-    return None
+def _gpu_present() -> bool:
+    """A GPU device node (NVIDIA, WSL, AMD): JAX's own platform choice is then left alone."""
+    nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+    return any(os.path.exists(d) for d in nodes) or bool(glob.glob("/dev/dri/renderD*") and _intel_gpu_plugin())
+
+
+def _intel_gpu_plugin() -> bool:
+    return importlib.util.find_spec("intel_extension_for_openxla") is not None
 
 
 def platforms_without_absent_tpu(environ=None) -> str | None:
-    """The `jax_platforms` value that skips a TPU backend this host cannot have, or None (leave
-    JAX's choice): None when the user set JAX_PLATFORMS, asked for TPU start-up
-    (JAX_FORCE_TPU_INIT), libtpu is not installed, or a TPU chip is attached."""
+    """ "cpu" where JAX would probe for a TPU this host cannot have, else None (leave JAX's
+    choice): None when the user set JAX_PLATFORMS, asked for TPU start-up (JAX_FORCE_TPU_INIT),
+    libtpu is not installed, a TPU chip is attached, or a GPU is (its plugin decides)."""
     env = os.environ if environ is None else environ
     if env.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in env or env.get("M1JAX_KEEP_PLATFORMS") == "1":
         return None
-    if importlib.util.find_spec("libtpu") is None or tpu_chips_present():
+    if importlib.util.find_spec("libtpu") is None or tpu_chips_present() or _gpu_present():
         return None
-    gpu = _gpu_platform()
-    return f"{gpu},cpu" if gpu else "cpu"
+    return "cpu"
 
 
 def skip_absent_tpu() -> str | None:
     """Leave the TPU backend out of JAX's start-up where it cannot work (see the module docstring).
     Only before JAX starts its backends, and only if nobody chose platforms; returns the value set."""
     import jax
-    from jax._src import xla_bridge
 
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: True)()  # unknown: assume started
-    if getattr(jax.config, "jax_platforms", None) or started:
+    try:  # private: where a JAX release moves it, do nothing rather than fail the import of m1jax
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        return None
+    if getattr(jax.config, "jax_platforms", None) or backends_are_initialized():
         return None
     value = platforms_without_absent_tpu()
     if value is not None:

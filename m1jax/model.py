@@ -217,10 +217,11 @@ def check_tokens(tokens, vocab_size: int) -> None:
         raise ValueError(f"tokens must be [B, T] (batch, time), got shape {tuple(tokens.shape)}")
     if not isinstance(tokens, (np.ndarray, jax.Array)) or tokens.size == 0:
         return
-    try:
-        values = np.asarray(tokens)
-    except jax.errors.TracerArrayConversionError:  # under jit: values unknown
+    if isinstance(tokens, jax.core.Tracer):  # under jit: values unknown
         return
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:  # other hosts' rows: not ours to read
+        return
+    values = np.asarray(tokens)
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}); got min {lo}, max {hi}")

@@ -135,7 +135,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
         need(c.cispo.ratio_max > max(c.cispo.ratio_min, 0.0), "cispo", "ratio_max must exceed ratio_min")
     unknown = sorted(set(reward_weights(c.reward)) - set(rewards.available()))
     need(not unknown, "reward", f"unknown reward(s) {unknown}; available: {', '.join(rewards.available())}")
-    if not c.init_from:
-        pre = pretrain_base()
-        pre.model = c.model
-        model_config(pre)  # unknown model fields / presets fail here
+    pre = pretrain_base()
+    pre.model = c.model
+    model_config(pre)  # unknown model fields / presets fail here (with init_from, too: a typo is no less one)

@@ -203,13 +203,20 @@ def initial_state(trainer: RLTrainer, tx, seed: int, init_params=None) -> dict:
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
     """Run (or resume) RL per config `c` in `workdir`. Returns a summary dict.
 
-    A run that already reached `c.steps` is not trained again: the summary stored when it finished
-    comes back with `complete=True` (and the restored state); a larger `c.steps` extends it.
+    A run that already reached `c.steps` is not trained again (nothing is built, restored or
+    written): the summary stored when it finished comes back with `complete=True` (no "state");
+    a larger `c.steps` extends it.
     """
     validate(c)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-        fh.write(c.to_json_best_effort(indent=2))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
+    if (done := finished(workdir, ckpt.steps(), c.steps)) is not None:  # nothing built, restored or written
+        ckpt.close()
+        return dict(done, workdir=workdir, start_step=done["end_step"], stopped_by=None, complete=True)
+    primary = jax.process_index() == 0
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            fh.write(c.to_json_best_effort(indent=2))
     mesh = shd.mesh_from_config(dict(c.mesh))
     run = setup(c, mesh)
     cfg, tokenizer, reward_fn, sp = run.cfg, run.tokenizer, run.reward_fn, run.sampling
@@ -223,13 +230,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     trainer, tx = make_trainer(c, cfg, mesh)
     fresh = initial_state(trainer, tx, c.seed, run.init_params)
     ref_params = jax.tree.map(lambda x: x.copy(), fresh["params"])  # the frozen reference policy
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
     restored = ckpt.restore_latest(trainer.abstract_state)
     state, start = (fresh, 0) if restored is None else (restored[1], restored[0])
-    if start >= c.steps and (done := finished(workdir, start, c.steps)) is not None:
-        ckpt.close()
-        return dict(done, workdir=workdir, start_step=start, stopped_by=None, complete=True, state=state)
-    if restored is None:
+    if restored is None and primary:
         clear_summary(workdir)  # of an earlier run in this workdir
     writer = MetricWriter(workdir, resume_step=start if restored else None)
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
@@ -279,7 +282,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         summary["initial"] = evaluate(cfg, ref_params, tokenizer, c, reward_fn, per_prompt=first_pp)
     summary["change"] = paired_change(first_pp, last_pp)
     keep = ("end_step", "checkpoints", "initial", "final", "change")
-    write_summary(workdir, {k: summary[k] for k in keep} | {"steps": c.steps})  # last: marks the run complete
+    if primary:  # last: marks the run complete
+        write_summary(workdir, {k: summary[k] for k in keep} | {"steps": c.steps})
     return summary
 
 

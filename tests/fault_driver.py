@@ -4,8 +4,8 @@
 
 CONFIG_JSON: flattened overrides of `m1jax.train.config.base_config()`. FAULT:
 - `kill_in_step`: SIGKILL while step STEP is being computed (its update dispatched, not finished);
-- `kill_in_save`: SIGKILL right after the checkpoint save at STEP has started (orbax writes it in
-  the background, so the kill lands while it is half written);
+- `kill_in_save`: SIGKILL inside the checkpoint save at STEP, once its data is written and before
+  it is committed (orbax's first rename inside that step's temporary directory);
 - `none`: run to the end.
 """
 
@@ -18,7 +18,6 @@ import sys
 
 from m1jax.train import config as tc
 from m1jax.train import loop
-from m1jax.train.checkpoint import Checkpointer
 
 
 def _die() -> None:
@@ -47,15 +46,17 @@ def main(workdir: str, overrides: str, fault: str, at: int) -> None:
 
         loop.Trainer = Dying
     elif fault == "kill_in_save":
-        save = Checkpointer.save
+        tmp = f"{os.sep}{at}.orbax-checkpoint-tmp"  # orbax writes a step there, then renames it into place
 
-        def dying_save(self, step, *args, **kwargs):
-            out = save(self, step, *args, **kwargs)
-            if step == at:
-                _die()
-            return out
+        def dying(rename):
+            def inner(src, dst, *args, **kwargs):
+                if tmp in os.fspath(src):
+                    _die()
+                return rename(src, dst, *args, **kwargs)
 
-        Checkpointer.save = dying_save
+            return inner
+
+        os.rename, os.replace = dying(os.rename), dying(os.replace)
     elif fault != "none":
         raise SystemExit(f"unknown fault {fault!r}")
     summary = loop.train(c, workdir, progress=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -120,7 +121,7 @@ def run_driver(workdir, cache: str, fault: str, at: int) -> subprocess.Completed
 
 
 def cli(module: str, *args, cache: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", module, "--noprogress", *args]
+    cmd = [sys.executable, "-m", module, *([] if module == "experiments.aot" else ["--noprogress"]), *args]
     env = child_env(cache) if cache else None
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -163,8 +164,9 @@ def test_sigkill_during_a_step_resumes_the_same_curve(reference, tmp_path, compi
 def test_sigkill_during_a_save_resumes_the_same_curve(reference, tmp_path, compile_cache):
     proc = run_driver(tmp_path, compile_cache, "kill_in_save", 6)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert checkpoint_steps(tmp_path) == [3]  # step 6 was being written, never committed
     out = loop.train(config(), str(tmp_path), progress=False)
-    assert out["start_step"] in (3, 6)  # 6 only if its background write won the race with the kill
+    assert out["start_step"] == 3
     same_curve(tmp_path, reference)
 
 
@@ -212,9 +214,24 @@ def test_garbled_latest_checkpoint_falls_back_quietly(reference, tmp_path, capfd
     assert "Event loop is closed" not in capfd.readouterr().err  # the failed read's leftovers are quiet
 
 
+def test_truncated_latest_checkpoint_falls_back(reference, tmp_path):
+    run = copy_of(reference, tmp_path)
+    os.remove(run / "summary.json")
+    for root, _, files in os.walk(run / "checkpoints" / "8"):  # what a full disk or a torn copy leaves
+        for f in files:
+            with open(os.path.join(root, f), "r+b") as fh:
+                fh.truncate(os.path.getsize(os.path.join(root, f)) // 2)
+    out = loop.train(config(), str(run), progress=False)
+    assert out["start_step"] == 6
+    same_curve(run, reference)
+    rows = [r for r in read_metrics(str(run)) if "sample_accuracy" in r]
+    assert len(rows) == 1  # the repeated final stage replaced its row
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
 def test_no_readable_checkpoint_is_a_named_error(reference, tmp_path, damage):
     run = copy_of(reference, tmp_path)
+    os.remove(run / "summary.json")  # unfinished: a finished run is reported from its summary, not restored
     for step in (3, 6, 8):
         if damage == "garble":
             garble(run / "checkpoints" / str(step))
@@ -228,6 +245,7 @@ def test_no_readable_checkpoint_is_a_named_error(reference, tmp_path, damage):
 
 def test_cli_prints_one_error_for_unreadable_checkpoints(reference, tmp_path, compile_cache):
     run = copy_of(reference, tmp_path)
+    os.remove(run / "summary.json")
     for step in (3, 6, 8):
         garble(run / "checkpoints" / str(step))
     proc = cli("experiments.pretrain", *cli_flags(run), cache=compile_cache)
@@ -264,6 +282,40 @@ def test_cli_rerun_of_a_finished_run_says_complete(reference, tmp_path, compile_
     assert (run / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
 
 
+def test_final_stage_killed_before_its_summary_is_repeated_once(reference, tmp_path):
+    """A run killed after its last checkpoint but before summary.json (written last) finishes its
+    final stage again on rerun, without a second sample_accuracy row."""
+    run = copy_of(reference, tmp_path)
+    os.remove(run / "summary.json")
+    out = loop.train(config(), str(run), progress=False)
+    assert out["start_step"] == STEPS and out["end_step"] == STEPS and not out.get("complete")
+    assert len([r for r in read_metrics(str(run)) if "sample_accuracy" in r]) == 1
+    assert (run / "summary.json").exists()
+    same_curve(run, reference)
+
+
+RL_OVERRIDES = {"steps": 2, "prompts_per_step": 4, "samples_per_prompt": 2, "updates_per_rollout": 1,
+                "eval_prompts": 4, "eval_samples": 0, "checkpoint_every": 2, "eval_every": 2}  # fmt: skip
+
+
+def test_cli_rerun_of_a_finished_rl_run_says_complete(tmp_path):
+    from rl.loop import train as rl_train
+
+    path = tmp_path / "rl_config.py"
+    path.write_text(
+        f"import runpy\n\n\ndef get_config():\n    c = runpy.run_path({ROOT + '/configs/cispo_toy.py'!r})"
+        f"['get_config']()\n    c.update_from_flattened_dict({RL_OVERRIDES!r})\n    return c\n"
+    )
+    workdir = tmp_path / "run"
+    first = rl_train(runpy.run_path(str(path))["get_config"](), str(workdir), progress=False)
+    before = (workdir / "metrics.jsonl").read_bytes()
+    proc = cli("experiments.cispo", f"--config={path}", f"--workdir={workdir}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"the run in {workdir} is already complete at step 2" in proc.stdout
+    assert f"mean reward {first['final']['eval_reward']:.3f}" in proc.stdout
+    assert (workdir / "metrics.jsonl").read_bytes() == before
+
+
 # -- config errors ----------------------------------------------------------------------------
 
 
@@ -276,10 +328,17 @@ def test_cli_rerun_of_a_finished_run_says_complete(reference, tmp_path, compile_
         ("experiments.pretrain", "--config=configs/nope.py", "error: --config=configs/nope.py: no such config file"),
         ("experiments.cispo", "--config.reward=task,bogus", "error: config.reward='task,bogus': unknown reward(s)"),
         ("experiments.cispo", "--config.cispo.ratio_maxx=2", "'ratio_maxx' (did you mean 'ratio_max'?)"),
+        ("experiments.pretrain", "--config.nonsense.deep=1", "error: --config.nonsense.deep=1: unknown field(s)"),
+        ("experiments.pretrain", "--config.data.nonsens.x=1", "'nonsens' in config.data; it has: num_eval_docs"),
+        ("experiments.pretrain", "--config.steps.x=1", "config.steps is a value, not a section with fields"),
+        ("experiments.cispo", "--config.model.preset.x=1", "config.model.preset is a value, not a section"),
+        ("experiments.pretrain", "--config.steps=abc", "error: flag --config.steps=abc: invalid literal for int()"),
+        ("experiments.aot", "--config.nonsense.deep=1", "error: --config.nonsense.deep=1: unknown field(s)"),
     ],
 )
 def test_cli_config_errors_are_one_line(tmp_path, module, flag, message):
-    proc = cli(module, f"--workdir={tmp_path}", flag, timeout=120)
+    where = [f"--config={ROOT}/configs/pretrain_tiny.py"] if module == "experiments.aot" else [f"--workdir={tmp_path}"]
+    proc = cli(module, *where, flag, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr
@@ -335,11 +394,20 @@ def test_model_checks_shape_and_dtype_under_jit(params):
         ([[1, 2]], {"temperature": float("nan")}, ValueError, "temperature must be >= 0"),
         ([[1, 2]], {"top_p": 0.0}, ValueError, r"top_p must lie in \(0, 1\]"),
         ([[1, 2]], {"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
+        ([[1, 2**32 + 5]], {}, ValueError, r"prompt 0 holds token ids outside \[0, 2\*\*31\)"),
+        ([[1, [2, 3]]], {}, TypeError, "prompt 0 must be a flat list of integer token ids"),
+        ([[1, 200]], {}, ValueError, r"token ids must lie in \[0, vocab_size=64\)"),
     ],
 )
 def test_generate_rejects_bad_input(params, prompts, kwargs, error, match):
     with pytest.raises(error, match=match):
         generate(CFG, params, prompts, kwargs.pop("max_new_tokens", 2), **kwargs)
+
+
+def test_generate_takes_arrays_of_prompts(params):
+    want = generate(CFG, params, [[1, 2, 3], [4, 5, 6]], 3, temperature=0).tokens
+    for prompts in (np.asarray([[1, 2, 3], [4, 5, 6]], np.int64), jnp.asarray([[1, 2, 3], [4, 5, 6]])):
+        np.testing.assert_array_equal(generate(CFG, params, prompts, 3, temperature=0).tokens, want)
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +428,12 @@ def test_load_pretrained_config_errors(hf_dir, tmp_path):
         load_pretrained(str(tmp_path / "m"))
     cfg_file.write_text(json.dumps([good]))
     with pytest.raises(CheckpointError, match="config.json: expected a JSON object, got a JSON list"):
+        load_pretrained(str(tmp_path / "m"))
+    cfg_file.write_text(json.dumps({k: v for k, v in good.items() if k != "head_dim"} | {"num_attention_heads": 0}))
+    with pytest.raises(CheckpointError, match=r"config.json: invalid config \(ZeroDivisionError"):
+        load_pretrained(str(tmp_path / "m"))
+    cfg_file.write_text(json.dumps(dict(good, rope_parameters=[1])))
+    with pytest.raises(CheckpointError, match=r"config.json: invalid config \(AttributeError"):
         load_pretrained(str(tmp_path / "m"))
 
 

@@ -90,11 +90,12 @@ def test_compiler_options_only_for_cpu():
 
 def test_platforms_skip_an_absent_tpu(monkeypatch):
     monkeypatch.setattr(host, "tpu_chips_present", lambda: False)
-    monkeypatch.setattr(host, "_gpu_platform", lambda: None)
+    monkeypatch.setattr(host, "_gpu_present", lambda: False)
     monkeypatch.setattr(host.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
     assert host.platforms_without_absent_tpu({}) == "cpu"
-    monkeypatch.setattr(host, "_gpu_platform", lambda: "cuda")
-    assert host.platforms_without_absent_tpu({}) == "cuda,cpu"
+    monkeypatch.setattr(host, "_gpu_present", lambda: True)  # a GPU host: JAX's plugins choose
+    assert host.platforms_without_absent_tpu({}) is None
+    monkeypatch.setattr(host, "_gpu_present", lambda: False)
     assert host.platforms_without_absent_tpu({"JAX_PLATFORMS": "tpu"}) is None  # the user's choice
     assert host.platforms_without_absent_tpu({"JAX_FORCE_TPU_INIT": "1"}) is None
     assert host.platforms_without_absent_tpu({"M1JAX_KEEP_PLATFORMS": "1"}) is None
@@ -149,3 +150,22 @@ def test_a_cpu_job_neither_probes_nor_locks_libtpu_and_tpu_compiles_run_beside_i
         _, err = job.communicate(input="", timeout=60)  # ends the job's read of stdin
     for noise in ("TPU", "tpu", "E0000", "libtpu"):
         assert noise not in err, err  # no start-up errors in the job's output
+
+
+def test_tpu_chips_are_told_by_device_id_not_vendor(tmp_path, monkeypatch):
+    """Google's vendor id also marks the gVNIC and NVMe disks of ordinary Cloud VMs."""
+    for name, device in (("0000:00:04.0", "0x0042"), ("0000:00:05.0", "0x001f")):  # NIC, disk
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text("0x1ae0\n")
+        (tmp_path / name / "device").write_text(device + "\n")
+    real_glob = host.glob.glob
+
+    def fake(pattern):  # this host's PCI devices: the ones made above, and no /dev/accel or /dev/vfio
+        return real_glob(str(tmp_path / "*" / "vendor")) if pattern.startswith("/sys/") else []
+
+    monkeypatch.setattr(host.glob, "glob", fake)
+    assert not host.tpu_chips_present()
+    (tmp_path / "0000:00:06.0").mkdir()
+    (tmp_path / "0000:00:06.0" / "vendor").write_text("0x1ae0\n")
+    (tmp_path / "0000:00:06.0" / "device").write_text("0x0062\n")  # a v5p chip
+    assert host.tpu_chips_present()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 import jax
 import orbax.checkpoint as ocp
@@ -44,19 +45,29 @@ class _LeftoverReads(logging.Filter):
         return True
 
 
+def _closed_loop_callback(u) -> bool:
+    """An unraisable 'Event loop is closed' raised by asyncio's call_soon_threadsafe (the callback
+    of a read that finished after its restore gave up); any other error is not ours to hide."""
+    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(u.exc_traceback) if u.exc_traceback is not None else []
+    return any(f.name == "call_soon_threadsafe" for f in frames) or not frames
+
+
 def _quiet_failed_restore_leftovers() -> None:
     """Silence the leftovers of a failed restore: they are harmless and would print dozens of
     tracebacks per corrupt checkpoint. When one tensor fails to read, orbax closes its event loop
     while tensorstore still completes the other reads: their callbacks fail on the closed loop
     (unraisable 'Event loop is closed' errors) and their futures' errors are never retrieved
-    (asyncio logs each). Both go to the log at debug level; anything else passes through.
+    (asyncio logs each). Both go to the log at debug level; anything else passes through. The hook
+    and the filter stay installed for the process (the leftovers may surface after the restore).
     """
     previous = sys.unraisablehook
     if getattr(previous, "_m1jax_quiet", False):
         return
 
     def hook(u):
-        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+        if _closed_loop_callback(u):
             log.debug("ignored a leftover read callback of a failed checkpoint restore: Event loop is closed")
             return
         previous(u)

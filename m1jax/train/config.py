@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _unknown(names, known, where: str) -> str | None:
+def unknown_message(names, known, where: str) -> str | None:
     """An error message for `names` missing from `known` (with close matches), or None."""
     bad = sorted(set(names) - set(known))
     if not bad:
@@ -87,7 +87,7 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     if name not in presets.PRESETS:
         raise ValueError(f"config.model.preset={name!r} is not one of {sorted(presets.PRESETS)}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    if msg := _unknown(overrides, known | {"preset"}, "config.model (ModelConfig fields)"):
+    if msg := unknown_message(overrides, known | {"preset"}, "config.model (ModelConfig fields)"):
         raise ValueError(msg)
     return presets.PRESETS[name](**overrides)
 
@@ -95,10 +95,11 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
 def unknown_fields(c: ml_collections.ConfigDict, base: ml_collections.ConfigDict, prefix: str = "config") -> None:
     """Raise ValueError naming any field of `c` that `base` lacks, at any depth (`model` holds
     ModelConfig overrides and is checked by `model_config`)."""
-    if msg := _unknown(c.keys(), base.keys(), prefix):
+    if msg := unknown_message(c.keys(), base.keys(), prefix):
         raise ValueError(msg)
     for k, v in base.items():
-        if k != "model" and isinstance(v, ml_collections.ConfigDict) and isinstance(c[k], ml_collections.ConfigDict):
+        section = isinstance(v, ml_collections.ConfigDict) and isinstance(c.get(k), ml_collections.ConfigDict)
+        if k != "model" and section:
             unknown_fields(c[k], v, f"{prefix}.{k}")
 
 

@@ -136,17 +136,32 @@ def make_optimizer(c: ml_collections.ConfigDict):
     return lr_fn, tx
 
 
-def finished(workdir: str, step: int, steps: int) -> dict | None:
-    """The stored summary of a run that finished at `step` (its final stage included), or None.
+def finished(workdir: str, checkpoints: list[int], steps: int) -> dict | None:
+    """The stored summary of a run that finished (its final stage included) at its newest
+    checkpoint, at or past `steps`; else None. Checked before anything is built or restored.
 
     With several processes, process 0 decides and tells the others: they must take the same path,
-    since the final stage is a collective."""
+    since training and the final stage are collectives."""
     done = read_summary(workdir)
-    ok = done is not None and done.get("end_step") == step and step >= steps
+    last = checkpoints[-1] if checkpoints else None
+    ok = done is not None and last is not None and done.get("end_step") == last >= steps
     if jax.process_count() > 1:
         ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-        done = done if ok else None
+        if ok and done is None:  # process 0 read it; this one could not (yet): the step suffices
+            done = {"end_step": last, "steps": steps}
     return done if ok else None
+
+
+def _complete(workdir: str, done: dict, steps: int) -> dict:
+    """The summary a rerun of a finished run returns (samples from samples.jsonl)."""
+    if done["end_step"] > steps:
+        log.warning(f"the run in {workdir} finished at step {done['end_step']}, past config.steps={steps}")
+    path, rows = os.path.join(workdir, "samples.jsonl"), []
+    if os.path.exists(path):
+        with open(path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    start = done["end_step"]
+    return dict(done, workdir=workdir, start_step=start, stopped_by=None, complete=True, samples=rows)
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
@@ -155,13 +170,17 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     stop_at: stop after this step as a preemption would (checkpoint, no samples); the schedule
     still runs to `c.steps`, so a later call resumes the same run.
 
-    A run that already reached `c.steps` is not trained again: the summary stored when it finished
-    comes back with `complete=True`. With a larger `c.steps` it goes on from its last checkpoint
-    (the learning-rate schedule is then recomputed for the new length).
+    A run that already reached `c.steps` is not trained again (nothing is built, restored or
+    written): the summary stored when it finished comes back with `complete=True`. With a larger
+    `c.steps` it goes on from its last checkpoint (the schedule is recomputed for the new length).
     """
-    os.makedirs(workdir, exist_ok=True)
     tokenizer = load_tokenizer(c.data.tokenizer)
     cfg = validate(c, tokenizer.vocab_size)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
+    if (done := finished(workdir, ckpt.steps(), c.steps)) is not None:
+        ckpt.close()
+        return _complete(workdir, done, c.steps)
     primary = jax.process_index() == 0  # the one writer of the workdir's files (orbax coordinates its own)
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as fh:
@@ -175,7 +194,6 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
 
     lr_fn, tx = make_optimizer(c)
     trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches, loss_chunk=c.loss_chunk)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
 
     restored = ckpt.restore_latest(trainer.abstract_state)
     if restored is None:
@@ -184,16 +202,6 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         start, state, data_state = restored
         packer.restore(data_state)  # this process's entry; a different process count is an error
         log.info(f"resumed from step {start} ({ckpt.directory})")
-    if start >= c.steps and (done := finished(workdir, start, c.steps)) is not None:
-        ckpt.close()
-        if start > c.steps:
-            log.warning(f"the run in {workdir} finished at step {start}, past config.steps={c.steps}")
-        samples_path = os.path.join(workdir, "samples.jsonl")
-        rows = []
-        if os.path.exists(samples_path):
-            with open(samples_path) as fh:
-                rows = [json.loads(line) for line in fh if line.strip()]
-        return dict(done, workdir=workdir, start_step=start, stopped_by=None, complete=True, samples=rows)
     if restored is None and primary:
         clear_summary(workdir)  # of an earlier run in this workdir
     previous = read_summary(workdir) if restored else None
@@ -202,7 +210,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             f"extending the finished run in {workdir} from step {start} to config.steps={c.steps}; the "
             f"learning-rate schedule is recomputed for {c.steps} steps (it was for {previous.get('steps')})"
         )
-    writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=primary)
+    # A final stage that is repeated (killed before summary.json) replaces its rows.
+    again = ("sample_accuracy",) if start >= c.steps else ()
+    writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=primary, drop_at_resume=again)
 
     fpt = flops_lib.train_flops_per_token(cfg, c.seq_len)
     peak = flops_lib.peak_flops_per_device(override_tflops=c.peak_tflops)

@@ -46,13 +46,21 @@ class MetricWriter:
 
     `resume_step`: entries logged after this step (by a run that was killed before its next
     checkpoint) are dropped, so the file holds one curve however often the run was resumed; so
-    are lines that are not JSON (a torn last line from a kill during a write), with a warning.
+    are lines that are not JSON (a torn last line from a kill during a write), with a warning, and
+    rows at `resume_step` holding a key of `drop_at_resume` (a stage that will be logged again).
     `enabled=False` (every process of a multi-host run but the first, which share one workdir)
     touches no file and makes every method a no-op: one writer per curve, else the processes
     would truncate and append to the same files concurrently.
     """
 
-    def __init__(self, workdir: str, resume_step: int | None = None, tensorboard: bool = True, enabled: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        drop_at_resume: tuple[str, ...] = (),
+    ):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = enabled
         self._fh = self._tb = None
@@ -62,7 +70,12 @@ class MetricWriter:
             rows, bad = parse_metrics(self.path)
             if bad:
                 log.warning(f"{self.path}: dropped {len(bad)} unreadable line(s) {bad[:5]} (a torn write?)")
-            keep = [r for r in rows if r.get("step", 0) <= resume_step]
+            keep = [
+                r
+                for r in rows
+                if r.get("step", 0) < resume_step
+                or (r.get("step", 0) == resume_step and not set(drop_at_resume) & r.keys())
+            ]
             if len(keep) < len(rows):
                 log.info(f"{self.path}: {len(rows) - len(keep)} row(s) after step {resume_step} superseded")
             tmp = self.path + ".tmp"
@@ -129,9 +142,10 @@ def write_summary(workdir: str, summary: dict) -> None:
 
 def clear_summary(workdir: str) -> None:
     """Remove the summary of an earlier run (a fresh run in an old workdir)."""
-    path = os.path.join(workdir, SUMMARY)
-    if os.path.exists(path):
-        os.remove(path)
+    try:
+        os.remove(os.path.join(workdir, SUMMARY))
+    except FileNotFoundError:
+        pass
 
 
 def read_summary(workdir: str) -> dict | None:
