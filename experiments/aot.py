@@ -149,7 +149,7 @@ def cispo_step(c, cfg, mesh, device_kind: str, prompt_len: int) -> dict:
         micro_batches=c.micro_batches,
     )
     b, n = c.batch_size, c.seq_len - prompt_len
-    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=tr.row_sharding(len(shape)))  # noqa: E731
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=tr.row_sharding(len(shape)))
     mb = {
         "prompt": sds((b, prompt_len), jnp.int32),
         "prompt_lengths": sds((b,), jnp.int32),

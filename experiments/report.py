@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     unknown = only - set(BENCHMARKS) - set(notebooks)
     if unknown:
         ap.error(f"--only: unknown names {sorted(unknown)}; choose from {sorted(BENCHMARKS) + notebooks}")
-    pick = lambda names: [n for n in names if not only or n in only]  # noqa: E731
+    pick = lambda names: [n for n in names if not only or n in only]
     os.makedirs(args.out, exist_ok=True)
     os.environ["M1JAX_RESULTS_DIR"] = os.path.abspath(args.out)  # where the notebooks' kernels write
 

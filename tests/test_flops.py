@@ -64,7 +64,7 @@ def test_generation_linear_for_lightning_quadratic_for_softmax():
     lin = config.tiny(attn_type_list=(0, 0, 0, 0))
     soft = config.tiny(attn_type_list=(1, 1, 1, 1))
     hybrid = config.tiny()
-    f = lambda cfg, n: flops.generation_flops(cfg, 16, n)  # noqa: E731
+    f = lambda cfg, n: flops.generation_flops(cfg, 16, n)
     ns = [1, 2, 3, 50, 51, 52, 1000, 1001, 1002]
     # lightning only: every token costs the same
     assert all(f(lin, n) == pytest.approx(n * f(lin, 1), rel=1e-12) for n in ns)
@@ -78,7 +78,7 @@ def test_generation_linear_for_lightning_quadratic_for_softmax():
     assert flops.generation_flops(lin, 10, 8) == flops.generation_flops(lin, 20, 8)
     assert flops.generation_flops(hybrid, 10, 8) < flops.generation_flops(hybrid, 20, 8)
     # the hybrid's attention FLOPs tend to (softmax layers / layers) of the all-softmax model's
-    attn = lambda cfg, n: sum(  # noqa: E731
+    attn = lambda cfg, n: sum(
         v for k, v in flops.generation_flops_by_component(cfg, 0, n).items() if k.endswith("attn")
     )
     ratios = [attn(hybrid, n) / attn(soft, n) for n in (10, 1000, 10**6)]

@@ -86,7 +86,7 @@ def test_expert_parallel_equals_single_device(shape, impl):
     got = _under(mesh, par)(x, *w)
     assert rel_rms(got, want) <= 1e-6
 
-    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
     want_g = jax.grad(loss(lambda *a: _single_moe(w_router, *a)), argnums=(0, 1, 2, 3))(x, *w)
     got_g = _under(mesh, jax.grad(loss(par), argnums=(0, 1, 2, 3)))(x, *w)
     for g, r in zip(got_g, want_g, strict=True):
@@ -264,7 +264,7 @@ def test_sequence_parallel_softmax_equals_flash(shape, segments):
         return flash_attention(q, k, v, runs)
 
     assert rel_rms(_under(mesh, par)(q, k, v), ref(q, k, v)) <= 1e-5
-    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))  # noqa: E731
+    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))
     for g, r in zip(_under(mesh, grad(par))(q, k, v), grad(ref)(q, k, v), strict=True):
         assert rel_rms(g, r) <= 1e-5
 

@@ -246,7 +246,7 @@ def test_chunked_loss_equals_full_loss():
     )
     b = _batch(5, b=2, t=64, vocab=cfg.vocab_size)
     n = float(np.sum(targets_and_mask(jnp.asarray(b["tokens"]), jnp.asarray(b["segment_ids"]))[1]))
-    f = lambda p, chunk: batch_loss(cfg, p, b, n, 1.0, chunk)[0]  # noqa: E731
+    f = lambda p, chunk: batch_loss(cfg, p, b, n, 1.0, chunk)[0]
     (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(f), static_argnums=1)(params, k) for k in (0, 16))
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g0))

@@ -97,7 +97,7 @@ def bench_one(impl, q, k, v, w, slopes, block_size, reps, backward=True):
     fwd = jax.jit(f)
     out = {"fwd_s": timed(lambda: fwd(q, k, v).block_until_ready(), reps)}
     if backward:
-        loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w)  # noqa: E731
+        loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w)
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         out["fwd_bwd_s"] = timed(lambda: jax.block_until_ready(grad(q, k, v)), reps)
     return out
@@ -163,7 +163,7 @@ def compare_fla(q, k, v, w, slopes, reps):
     import torch
     from fla.ops.simple_gla import chunk_simple_gla
 
-    to_torch = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(torch.bfloat16)  # noqa: E731
+    to_torch = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(torch.bfloat16)
     tq, tk, tv, tw = (to_torch(x) for x in (q, k, v, w))
     g = -torch.from_numpy(np.asarray(slopes, np.float32)).cuda()
 

@@ -140,7 +140,7 @@ def run(args) -> dict:
         _, torch_step = torch_trainer(cfg, host_params, tokens)
         t_first, t_loss0 = timed(torch_step)
     block = max(args.block, 1) if torch_step is not None else 1
-    timed_part = lambda r: r[1:] if block > 1 else r  # noqa: E731  (a block's first step is the switch)
+    timed_part = lambda r: r[1:] if block > 1 else r  # a block's first step is the switch
     j_times, t_times, j_switch, t_switch, round_ratios = [], [], [], [], []
     for _ in range(reps):
         j_round = [timed(jax_step)[0] for _ in range(block)]

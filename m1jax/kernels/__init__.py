@@ -55,7 +55,7 @@ def gpu_kernel(dtype, dk: int, dv: int, interpret: bool = False) -> str:
 def _kernel_call(forward, partitionable, q, k, v, slopes, initial_state, segment_ids, **kw):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    hm = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] <-> [B, H, T, D]
+    hm = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, D] <-> [B, H, T, D]
     h0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state
     runs = None if segment_ids is None else _lightning.run_ids(segment_ids)
     core = shardable(forward, partitionable=partitionable, **kw)

@@ -50,7 +50,7 @@ def experts(x, weights, ids, w1, w3, w2, *, expert_fn, mesh, capacity_factor: fl
 
     def local(x, weights, ids, w1, w3, w2):
         bl, tl, d = x.shape
-        flat = lambda a: a.reshape(bl * tl, a.shape[-1])  # noqa: E731
+        flat = lambda a: a.reshape(bl * tl, a.shape[-1])
         y = _dispatch_compute_return(
             flat(x), flat(weights), flat(ids), w1, w3, w2, expert_fn, ep, capacity_factor, tensor
         )
@@ -83,7 +83,7 @@ def _dispatch_compute_return(x, weights, ids, w1, w3, w2, expert_fn, ep: int, ca
     send_x = scatter(0, x[token]).reshape(ep, cap, d)
     send_id = scatter(0, local_id).reshape(ep, cap)
     send_ok = scatter(False, kept).reshape(ep, cap)
-    swap = lambda a: jax.lax.all_to_all(a, parallel.EXPERT, 0, 0)  # noqa: E731  slot j <-> shard j
+    swap = lambda a: jax.lax.all_to_all(a, parallel.EXPERT, 0, 0)  # slot j <-> shard j
     recv_x, recv_id, recv_ok = swap(send_x), swap(send_id), swap(send_ok)
 
     rows = recv_x.reshape(ep * cap, d)

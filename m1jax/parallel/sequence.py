@@ -78,7 +78,7 @@ def _incoming_states(m, h0, slopes, runs, length: int):
     first = jax.lax.all_gather(runs[:, 0], SEQ)  # [R, B]
     last = jax.lax.all_gather(runs[:, -1], SEQ)
     lam_len = jnp.exp(-slopes.astype(_F32) * length)[None, :, None, None]  # lambda^L per head
-    cast = lambda flag: flag[:, None, None, None].astype(_F32)  # noqa: E731  [B] -> [B, 1, 1, 1]
+    cast = lambda flag: flag[:, None, None, None].astype(_F32)  # [B] -> [B, 1, 1, 1]
     carry, s_ins = h0, []  # carry: the state just before shard j's first token (its own document)
     for j in range(ms.shape[0]):
         s_in = carry if j == 0 else carry * cast(first[j] == last[j - 1])  # a document starts at j: no state
@@ -105,7 +105,7 @@ def softmax(q, k, v, *, runs=None, mesh=None):
     runs = jnp.zeros((b, t), jnp.int32) if runs is None else runs.astype(jnp.int32)
 
     def local(q, k, v, runs):
-        gather = lambda x: jax.lax.all_gather(x, SEQ, axis=1, tiled=True)  # noqa: E731
+        gather = lambda x: jax.lax.all_gather(x, SEQ, axis=1, tiled=True)
         offset = jax.lax.axis_index(SEQ) * length
         kr = gather(runs) if segmented else None
         qr = runs if segmented else None

@@ -46,7 +46,7 @@ def chunked_nll_sum(cfg: ModelConfig, params, hidden, targets, mask, chunk: int)
     200K vocabulary) never exist. hidden [B, T, D], targets / mask [B, T]."""
     b, t, d = hidden.shape
     head = head_weight(cfg, params)
-    split = lambda x: jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)  # noqa: E731
+    split = lambda x: jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
 
     @jax.checkpoint
     def body(total, xs):

@@ -36,7 +36,7 @@ def _loss(impl, segmented, q, k, v, h0, ids):
 
 
 def _args(dtype, sharding=None):
-    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
     qkv = [sds((B, T, H, D), dtype)] * 3
     return qkv + [sds((B, H, D, D), jnp.float32), sds((B, T), jnp.int32)]
 

@@ -124,8 +124,8 @@ def test_outer_spans_equal_recurrence(t):
 
     spans = lambda q, k, v, h0: lightning_chunked(
         q, k, v, SLOPES, initial_state=h0, segment_ids=seg, block_size=4, span=8
-    )  # noqa: E731
-    rec = lambda q, k, v, h0: lightning_attention(q, k, v, SLOPES, initial_state=h0, segment_ids=seg, impl="recurrent")  # noqa: E731
+    )
+    rec = lambda q, k, v, h0: lightning_attention(q, k, v, SLOPES, initial_state=h0, segment_ids=seg, impl="recurrent")
     (g, (o, s)), (g_ref, (o_ref, s_ref)) = f(spans), f(rec)
     assert rel_rms(o, o_ref) <= 1e-5 and rel_rms(s, s_ref) <= 1e-5
     for a, b in zip(g, g_ref, strict=True):

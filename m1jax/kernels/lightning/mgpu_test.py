@@ -75,7 +75,7 @@ def test_spans_do_not_change_the_result(spans):
     t = 7 * C + 3
     q, k, v, h0, seg = inputs(t, seed=2, b=2, dk=128, dv=64)
     seg = seg.at[:, : 3 * C + 2].set(0)  # the first document spans 3+ blocks
-    hm = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    hm = lambda x: jnp.swapaxes(x, 1, 2)
     out, state = pallas_mgpu.forward(hm(q), hm(k), hm(v), SLOPES, h0, run_ids(seg), spans=spans, interpret=True)
     ref_out, ref_state = recurrence(q, k, v, h0=h0, seg=seg)
     assert rel_rms(hm(out), ref_out) <= 1e-2 and rel_rms(state, ref_state) <= 1e-2

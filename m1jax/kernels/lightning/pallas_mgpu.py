@@ -167,7 +167,7 @@ def _outputs_kernel(
 
         def body(i, slot, state):
             t0 = (blk0 + i) * C
-            vec = lambda ref: _load(ref.at[b, h, pl.ds(t0, C)], _ROW, gmem=True)  # noqa: E731
+            vec = lambda ref: _load(ref.at[b, h, pl.ds(t0, C)], _ROW, gmem=True)
             u, w = vec(u_ref), vec(w_ref)
             first = _load(f_ref.at[b, pl.ds(t0, C)], _ROW, gmem=True)
             s_smem[...] = state.astype(dtype)  # the incoming state as a wgmma operand

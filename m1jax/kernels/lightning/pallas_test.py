@@ -71,7 +71,7 @@ def test_gpu_spans_do_not_change_the_result(spans):
     t = 7 * C + 3
     q, k, v, h0, seg = inputs(t, seed=2)
     seg = seg.at[:, : 3 * C + 2].set(0)  # first document spans 3+ blocks
-    hm = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    hm = lambda x: jnp.swapaxes(x, 1, 2)
     from m1jax.kernels.lightning import run_ids
 
     out, state = pallas_triton.forward(

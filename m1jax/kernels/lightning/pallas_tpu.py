@@ -65,7 +65,7 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = 256, interpret: bool
     pad = nb * c - t
     if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q, k, v))
-    tile = lambda d: pl.BlockSpec((None, None, c, d), lambda bi, hi, ni: (bi, hi, ni, 0))  # noqa: E731
+    tile = lambda d: pl.BlockSpec((None, None, c, d), lambda bi, hi, ni: (bi, hi, ni, 0))
     state = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ni: (bi, hi, 0, 0))
     in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), tile(dk), tile(dk), tile(dv), state]
     args = [slopes.astype(_F32), q, k, v, h0.astype(_F32)]

@@ -137,7 +137,7 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = 64, spans: int | Non
     if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q, k, v))
     grid = (b, h, r, dv // bv)
-    span = lambda d: pl.BlockSpec((None, None, span_len, d), lambda bi, hi, ri, vi: (bi, hi, ri, 0))  # noqa: E731
+    span = lambda d: pl.BlockSpec((None, None, span_len, d), lambda bi, hi, ri, vi: (bi, hi, ri, 0))
     span_v = pl.BlockSpec((None, None, span_len, bv), lambda bi, hi, ri, vi: (bi, hi, ri, vi))
     state = pl.BlockSpec((None, None, None, dk, bv), lambda bi, hi, ri, vi: (bi, hi, ri, 0, vi))
     whole = pl.BlockSpec(slopes.shape, lambda *_: (0,))

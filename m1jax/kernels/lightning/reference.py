@@ -152,7 +152,7 @@ def _chunked(q, k, v, slopes, initial_state, segment_ids, block_size):
 
     # Head-major [B, H, nb, C, D] from here on: every einsum is then a batched GEMM over leading dims
     # (2-3x faster on CPU than batching over the interleaved H axis at long T).
-    hm = lambda x: jnp.moveaxis(x, 3, 1)  # noqa: E731  [B, nb, C, H, D] -> [B, H, nb, C, D]
+    hm = lambda x: jnp.moveaxis(x, 3, 1)  # [B, nb, C, H, D] -> [B, H, nb, C, D]
     qb, kb, vb = hm(qb), hm(kb), hm(vb)
     intra_decay = jnp.swapaxes(intra_decay, 1, 2)  # [., H, ., C, C]
     key_decay = jnp.swapaxes(key_decay, 1, 2)  # [., H, nb, C]

@@ -50,7 +50,7 @@ def flash_attention(q, k, v, runs=None, *, block: int = BLOCK, q_offset=None, q_
     nk = k.shape[1] // c
     qb = (q * d**-0.5).reshape(b, nb, c, g, r, d).transpose(1, 0, 3, 2, 4, 5).reshape(nb, b, g, c * r, d)
     kb, vb = (x.reshape(b, nk, c, g, d).transpose(1, 0, 3, 2, 4) for x in (k, v))  # [nk, B, G, c, D]
-    blocks = lambda x, n: None if x is None else x.astype(jnp.int32).reshape(b, n, c).transpose(1, 0, 2)  # noqa: E731
+    blocks = lambda x, n: None if x is None else x.astype(jnp.int32).reshape(b, n, c).transpose(1, 0, 2)
     out = _flash(qb, kb, vb, blocks(q_runs, nb), blocks(runs, nk), jnp.asarray(q_offset, jnp.int32), r, aligned)
     out = out.reshape(nb, b, g, c, r, d).transpose(1, 0, 3, 2, 4, 5).reshape(b, nb * c, h, d)
     return out[:, :t].astype(q.dtype)

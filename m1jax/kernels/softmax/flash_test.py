@@ -37,8 +37,8 @@ def packed_runs(b, t, seed):
 def test_matches_reference_values_and_grads(t, h, g, block, packed):
     q, k, v = inputs(t, h, g)
     runs = packed_runs(2, t, seed=t) if packed else None
-    ref = lambda q, k, v: causal_attention(q, k, v, runs)  # noqa: E731
-    new = lambda q, k, v: flash_attention(q, k, v, runs, block=block)  # noqa: E731
+    ref = lambda q, k, v: causal_attention(q, k, v, runs)
+    new = lambda q, k, v: flash_attention(q, k, v, runs, block=block)
     assert rel(new(q, k, v), ref(q, k, v)) <= 1e-5
     cot = jax.random.normal(jax.random.PRNGKey(9), q.shape)
     _, vjp_ref = jax.vjp(ref, q, k, v)
