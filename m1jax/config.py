@@ -13,20 +13,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from m1jax.kernels.registry import LIGHTNING_IMPLS, SOFTMAX_IMPLS
+
 LIGHTNING = 0  # attn_type_list value of a lightning (linear) attention layer
 SOFTMAX = 1  # attn_type_list value of a softmax (full) attention layer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "dense", "tiled", "ragged")
-LIGHTNING_IMPLS = (
-    "auto",
-    "reference",
-    "pallas_tpu",
-    "pallas_gpu",
-    "pallas_mgpu",
-    "pallas_triton",
-)  # see m1jax.kernels.lightning_attention
 PARALLEL_IMPLS = ("shard_map", "gspmd")  # see m1jax.parallel
 M1_ALPHA = (2 * 80) ** 0.25  # DeepNorm alpha = (2N)^(1/4), N = 80 layers
 
@@ -72,6 +66,7 @@ class ModelConfig:
     remat: str = "full"  # per-layer rematerialisation policy, one of REMAT_POLICIES
     moe_impl: str = "auto"  # auto: tiled on CPU, ragged_dot on accelerators
     lightning_impl: str = "auto"  # auto: the Pallas kernel on TPU/GPU, the jnp reference on CPU
+    softmax_impl: str = "auto"  # auto: the flash loop (m1jax.kernels.registry.SOFTMAX)
     # On a mesh with "expert" / "sequence" axes: "shard_map" runs all-to-all expert dispatch and
     # LASP-2 / all-gathered-KV sequence parallelism (m1jax.parallel); "gspmd" leaves it to XLA.
     parallel_impl: str = "shard_map"
@@ -160,6 +155,7 @@ def _validate(c: ModelConfig) -> None:
         ("remat", REMAT_POLICIES),
         ("moe_impl", MOE_IMPLS),
         ("lightning_impl", LIGHTNING_IMPLS),
+        ("softmax_impl", SOFTMAX_IMPLS),
         ("parallel_impl", PARALLEL_IMPLS),
     ):
         if getattr(c, f) not in allowed:

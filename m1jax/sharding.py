@@ -13,9 +13,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from m1jax.config import ModelConfig
+from m1jax.mesh import BATCH_AXES, MESH_AXES
 from m1jax.model import abstract_params
-
-MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 
 # Tensor parallelism over heads / expert FFN width / vocabulary, FSDP over the model width,
 # expert parallelism over experts, sequence parallelism over the tokens of a row ("length");
@@ -23,7 +22,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 # over "sequence" along the model width, FSDP-style: the sequence shards of a row would
 # otherwise each hold a full copy.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp", "expert")),
+    ("batch", BATCH_AXES),
     ("length", "sequence"),
     ("vocab", "tensor"),
     ("embed", ("fsdp", "sequence")),

@@ -16,6 +16,7 @@ import os
 import time
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -23,17 +24,18 @@ import numpy as np
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
 from m1jax.data.tokenizer import load_tokenizer
+from m1jax.mesh import batch_parallel
+from m1jax.model import abstract_params
 from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
 from m1jax.train.config import base_config as pretrain_base
 from m1jax.train.config import model_config
-from m1jax.train.loop import _stop_on_signals, finished, make_optimizer, stop_requested
-from m1jax.train.metrics import MetricWriter, clear_summary, write_summary
-from m1jax.train.step import Trainer
+from m1jax.train.run import Run
 from rl import advantages as adv_lib
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
 from rl.config import loss_kwargs, reward_weights, validate
+from rl.evaluate import decode_responses, evaluate, exact, paired_change
 from rl.sampler import FINISH_CONFIDENT, FINISH_LENGTH, SamplingParams, sample
 from rl.step import RLTrainer
 
@@ -41,21 +43,28 @@ log = logging.getLogger("m1jax")
 
 
 def load_pretrained(workdir: str, mesh):
-    """(pretraining config, params) from a pretraining workdir's config.json and newest checkpoint."""
+    """(pretraining config, model config, params) from a pretraining workdir: its config.json and
+    the parameters of its newest readable checkpoint (nothing else is read), placed on `mesh`."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"config.init_from={workdir!r}: no config.json there (not a pretraining workdir?)")
-    with open(path) as fh:
-        pc = pretrain_base()
-        pc.update_from_flattened_dict(_flatten(json.load(fh)))
+    try:
+        with open(path) as fh:
+            stored = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"config.init_from: {path} is unreadable ({e})") from None
+    pc = pretrain_base()
+    pc.update_from_flattened_dict(_flatten(stored))
     cfg = model_config(pc)
-    lr_fn, tx = make_optimizer(pc)  # the same optimizer-state layout as the checkpoint
-    trainer = Trainer(cfg, tx, lr_fn, mesh)
-    restored = Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(trainer.abstract_state)
-    if restored is None:
+    shapes = nn.unbox(abstract_params(cfg))
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shd.param_shardings(cfg, mesh)
+    )
+    found = Checkpointer(os.path.join(workdir, "checkpoints")).restore_params(target)
+    if found is None:
         raise ValueError(f"config.init_from={workdir!r}: no checkpoint in {workdir}/checkpoints")
-    log.info(f"initialised from {workdir} step {restored[0]}")
-    return pc, cfg, restored[1]["params"]
+    log.info(f"initialised from {workdir} step {found[0]}")
+    return pc, cfg, found[1]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -72,67 +81,6 @@ def _tokenizer(c):
     if c.data.source.startswith("toy_"):
         return prompt_lib.DigitTokenizer()
     return load_tokenizer(c.data.tokenizer)
-
-
-def _texts(tokenizer, rollout, stop_id) -> list[str]:
-    toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
-    out = []
-    for t, n in zip(toks, lengths, strict=True):
-        ids = t[:n].tolist()
-        if ids and ids[-1] == stop_id:
-            ids = ids[:-1]
-        out.append(tokenizer.decode(ids))
-    return out
-
-
-def exact(c, texts, refs) -> np.ndarray:
-    """1.0 where the answer is exactly right (the task family's check, or all positions for the toy)."""
-    return reward_lib.get("positions" if c.data.source != "tasks" else "task")(texts, refs) >= 1.0
-
-
-def _se(x: np.ndarray) -> float:
-    """Standard error of the mean of per-prompt values."""
-    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
-
-
-def paired_change(before: dict, after: dict) -> dict:
-    """Per-prompt arrays of two `evaluate(..., per_prompt=)` calls on the same held-out prompts ->
-    {metric: {"delta", "se", "z"}}: the mean change and its paired standard error (the prompts are
-    the same, so prompt difficulty cancels out of the error)."""
-    out = {}
-    for k in before.keys() & after.keys():
-        d = np.asarray(after[k], np.float64) - np.asarray(before[k], np.float64)
-        se = _se(d)
-        out[k] = {"delta": float(d.mean()), "se": se, "z": float(d.mean() / se) if se > 0 else 0.0}
-    return out
-
-
-def evaluate(cfg, params, tokenizer, c, reward_fn, per_prompt: dict | None = None) -> dict:
-    """Held-out prompts: greedy mean reward and exact-answer accuracy, and the accuracy of
-    `eval_samples` sampled responses per prompt at the training temperature (avg@k), each with
-    its standard error over prompts (`*_se`). Prompts and sampling keys are fixed, so two calls
-    see the same prompts; `per_prompt`, if given, receives the per-prompt values."""
-    split = "test" if c.data.source == "tasks" else "eval"
-    pairs = prompt_lib.batch(
-        c.data.source, c.data.seed, -1, c.eval_prompts, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split
-    )
-    sp = SamplingParams(c.max_new_tokens, greedy=True, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-    r = sample(cfg, params, [tokenizer.encode(p, bos=True) for p, _ in pairs], sp, jax.random.PRNGKey(0))
-    texts = _texts(tokenizer, r, tokenizer.eos_id)
-    refs = [ref for _, ref in pairs]
-    vals = {"eval_reward": np.asarray(reward_fn(texts, refs)), "eval_accuracy": exact(c, texts, refs).astype(float)}
-    if c.eval_samples > 0:  # the sampling policy RL optimises: accuracy averaged over k samples per prompt
-        sp = dataclasses.replace(sp, greedy=False, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
-        prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(c.eval_samples)]
-        r = sample(cfg, params, prompts, sp, jax.random.PRNGKey(1))
-        k_refs = [ref for ref in refs for _ in range(c.eval_samples)]
-        hits = exact(c, _texts(tokenizer, r, tokenizer.eos_id), k_refs).astype(float)
-        vals["eval_sampled_accuracy"] = hits.reshape(len(pairs), c.eval_samples).mean(axis=1)
-    if per_prompt is not None:
-        per_prompt.update(vals)
-    out = {k: float(np.mean(v)) for k, v in vals.items()}
-    out |= {f"{k}_se": _se(v) for k, v in vals.items() if k != "eval_reward"}
-    return out
 
 
 class Setup(NamedTuple):
@@ -208,19 +156,13 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     a larger `c.steps` extends it.
     """
     validate(c)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
-    if (done := finished(workdir, ckpt.steps(), c.steps)) is not None:  # nothing built, restored or written
-        ckpt.close()
+    run = Run(c, workdir, desc=f"rl:{c.loss}", progress=progress)
+    if (done := run.finished()) is not None:  # nothing built, restored or written
         return dict(done, workdir=workdir, start_step=done["end_step"], stopped_by=None, complete=True)
-    primary = jax.process_index() == 0
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as fh:
-            fh.write(c.to_json_best_effort(indent=2))
     mesh = shd.mesh_from_config(dict(c.mesh))
-    run = setup(c, mesh)
-    cfg, tokenizer, reward_fn, sp = run.cfg, run.tokenizer, run.reward_fn, run.sampling
-    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    parts = setup(c, mesh)
+    cfg, tokenizer, reward_fn, sp = parts.cfg, parts.tokenizer, parts.reward_fn, parts.sampling
+    dp = batch_parallel(mesh.shape)
     rows = c.prompts_per_step * c.samples_per_prompt // (c.updates_per_rollout * c.micro_batches)
     if rows % dp:
         raise ValueError(
@@ -228,62 +170,41 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             f"per micro-batch is not divisible by the {dp} batch-parallel devices of mesh {dict(mesh.shape)}"
         )
     trainer, tx = make_trainer(c, cfg, mesh)
-    fresh = initial_state(trainer, tx, c.seed, run.init_params)
+    fresh = initial_state(trainer, tx, c.seed, parts.init_params)
     ref_params = jax.tree.map(lambda x: x.copy(), fresh["params"])  # the frozen reference policy
-    restored = ckpt.restore_latest(trainer.abstract_state)
-    state, start = (fresh, 0) if restored is None else (restored[1], restored[0])
-    if restored is None and primary:
-        clear_summary(workdir)  # of an earlier run in this workdir
-    writer = MetricWriter(workdir, resume_step=start if restored else None)
+    state, start, _ = run.begin(trainer.abstract_state, lambda: fresh)
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
-    first_pp, last_pp = {}, {}
+    first_pp, last_pp, last_eval = {}, {}, {}
     if start == 0:
         first = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=first_pp)
-        writer.write(0, first)
+        run.writer.write(0, first)
         summary["initial"] = first
 
-    bar = None
-    if progress and start < c.steps:
-        from tqdm.auto import tqdm
+    def body(state, step):
+        row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step)
+        state = row.pop("state")
+        step += 1
+        if step % c.log_every == 0 or step == c.steps:
+            run.writer.write(step, row)
+        if step % c.eval_every == 0 or step == c.steps:
+            last_eval[step] = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp)
+            run.writer.write(step, last_eval[step])
+        if run.bar is not None:
+            run.bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['response_length']:.0f}", refresh=False)
+        return state
 
-        bar = tqdm(total=c.steps, initial=start, desc=f"rl:{c.loss}", unit="step", dynamic_ncols=True)
-    step, last_eval = start, None
-    with _stop_on_signals() as flag:
-        while step < min(c.steps, stop_at or c.steps) and stop_requested(flag) is None:
-            row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step)
-            state = row.pop("state")
-            step += 1
-            if step % c.log_every == 0 or step == c.steps:
-                writer.write(step, row)
-            if step % c.eval_every == 0 or step == c.steps:
-                last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp))
-                writer.write(step, last_eval[1])
-            if step % c.checkpoint_every == 0 and step < c.steps:
-                ckpt.save(step, state, {"step": step})
-            if bar is not None:
-                bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['response_length']:.0f}", refresh=False)
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    ckpt.save(step, state, {"step": step}, force=True, wait=True)
-    ckpt.close()
-    summary.update(end_step=step, checkpoints=ckpt.steps(), state=state)
-    if step < c.steps:
-        writer.close()
-        summary["stopped_by"] = flag["signal"] or "stop_at"
-        log.warning(f"{summary['stopped_by']}: saved a checkpoint at step {step}; rerun the same command to resume")
+    state, step = run.loop(state, start, body, lambda step: {"step": step}, stop_at=stop_at)
+    summary.update(end_step=step, checkpoints=run.ckpt.steps(), state=state, stopped_by=run.stopped_by)
+    if run.stopped_by:
+        run.close()
         return summary
-    done = last_eval is not None and last_eval[0] == step
-    if not done:  # (each evaluation overwrites the same per-prompt keys)
-        last_eval = (step, evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp))
-    writer.close()
-    summary["final"] = last_eval[1]
+    if step not in last_eval:  # (each evaluation overwrites the same per-prompt keys)
+        last_eval[step] = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp)
+    summary["final"] = last_eval[step]
     if not first_pp:  # resumed: the initial policy is the reference, so evaluate that
         summary["initial"] = evaluate(cfg, ref_params, tokenizer, c, reward_fn, per_prompt=first_pp)
     summary["change"] = paired_change(first_pp, last_pp)
-    keep = ("end_step", "checkpoints", "initial", "final", "change")
-    if primary:  # last: marks the run complete
-        write_summary(workdir, {k: summary[k] for k in keep} | {"steps": c.steps})
+    run.close({k: summary[k] for k in ("end_step", "checkpoints", "initial", "final", "change")})
     return summary
 
 
@@ -299,7 +220,7 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
     rollout = sample(cfg, state["params"], prompts, sp, key)
     t_gen = time.perf_counter()
-    texts = _texts(tokenizer, rollout, tokenizer.eos_id)
+    texts = decode_responses(tokenizer, rollout, tokenizer.eos_id)
     rewards = np.asarray(reward_fn(texts, refs), np.float64).reshape(-1, g)
     adv = adv_lib.compute(rewards, c.advantage, c.zero_variance)
 

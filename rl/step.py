@@ -13,17 +13,14 @@ from __future__ import annotations
 import functools
 import inspect
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from m1jax import host, parallel
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
-from m1jax.model import M1Model
-from m1jax.train.step import _split_micro
+from m1jax.train.engine import Engine, accumulate, apply_if, split_micro
 from rl import losses
 from rl.sampler import entropy, sequence_logprobs
 
@@ -75,28 +72,15 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     params = state["params"]
+    grads, ms = accumulate(grad_fn, params, mb, micro, sum_stats=False)
     if micro == 1:
-        (_, metrics), grads = grad_fn(params, mb)
+        metrics = jax.tree.map(lambda m: m[0], ms)
     else:
-        parts = jax.tree.map(lambda x: _split_micro(x, micro), mb)
-
-        def body(acc, b):
-            (_, m), g = grad_fn(params, b)
-            return jax.tree.map(jnp.add, acc, g), m
-
-        grads, ms = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), parts)
-        metrics = _combine_metrics(ms, jnp.sum(parts["mask"], axis=(1, 2)))
+        metrics = _combine_metrics(ms, jnp.sum(split_micro(mask, micro), axis=(1, 2)))
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
     ok = finite & (denom > 0)  # an all-masked minibatch (every group dropped) must not move AdamW
-
-    def apply(p, o):
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o
-
-    # A cond, as in the pretraining step: a skipped update costs nothing and the update writes the
-    # donated buffers in place.
-    new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o: (p, o), params, state["opt_state"])
+    new_params, new_opt = apply_if(ok, tx, grads, params, state["opt_state"])
     new_state = {
         "step": state["step"] + ok.astype(jnp.int32),  # applied optimizer updates: the schedule's clock
         "params": new_params,
@@ -117,13 +101,7 @@ def rollout_logprobs(cfg: ModelConfig, temperature, params, rollout: dict):
     )[0]
 
 
-def _boxed_state(cfg: ModelConfig, tx, rng):
-    params = M1Model(cfg).init(rng, jnp.zeros((1, min(cfg.block_size, 8)), jnp.int32))["params"]
-    zero = jnp.zeros((), jnp.int32)
-    return {"step": zero, "params": params, "opt_state": tx.init(params), "skipped": zero}
-
-
-class RLTrainer:
+class RLTrainer(Engine):
     """Compiled RL pieces on `mesh` with explicit shardings (the same logical rules as pretraining)."""
 
     def __init__(
@@ -141,34 +119,17 @@ class RLTrainer:
         lr_fn=None,
         rules=shd.DEFAULT_RULES,
     ):
-        self.cfg, self.tx, self.mesh, self.rules = cfg, tx, mesh, rules
+        super().__init__(cfg, tx, mesh, counters=("skipped",), rules=rules)
         self.lr_fn = lr_fn  # for logging: the learning rate at a given update count
-        boxed = jax.eval_shape(functools.partial(_boxed_state, cfg, tx), jax.random.PRNGKey(0))
-        self.state_sharding = shd.tree_shardings(boxed, mesh, rules)
-        self.abstract_state = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed), self.state_sharding
-        )
-        replicated = NamedSharding(mesh, PartitionSpec())
-        opts = host.compiler_options(mesh.devices.flat)
         step = functools.partial(update_step, cfg, tx, loss, loss_kw, temperature, kl_coef, aux, micro_batches)
-        self.update = jax.jit(
-            parallel.traced_under(mesh, step),  # expert / sequence collectives see the mesh
-            in_shardings=(self.state_sharding, None),
-            out_shardings=(self.state_sharding, replicated),
-            donate_argnums=0,
-            compiler_options=opts,
+        self.update = self.jit(
+            step, (self.state_sharding, None), (self.state_sharding, self.replicated), donate_state=True
         )
         self.logprobs = jax.jit(
-            functools.partial(rollout_logprobs, cfg, temperature), out_shardings=None, compiler_options=opts
+            functools.partial(rollout_logprobs, cfg, temperature),
+            out_shardings=None,
+            compiler_options=self.compiler_options,
         )
-        self._init = jax.jit(lambda rng: nn.unbox(_boxed_state(cfg, tx, rng)), out_shardings=self.state_sharding)
-
-    def init(self, rng):
-        return self._init(rng)
-
-    def row_sharding(self, ndim: int) -> NamedSharding:
-        """Sharding of a row-aligned [B, ...] array: rows over the data-parallel axes."""
-        return NamedSharding(self.mesh, nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), self.rules))
 
     def shard_rows(self, arrays: dict) -> dict:
         """Host arrays [B, ...] (the global batch, same on every process) -> row-sharded global arrays."""

@@ -9,6 +9,7 @@ from m1jax import config, init_params
 from m1jax.data import needle
 from m1jax.data.pipeline import Packer
 from m1jax.data.tokenizer import load_tokenizer
+from m1jax.evals import needle as needle_eval
 from m1jax.model import M1Model
 
 TOK = load_tokenizer("byte")
@@ -91,7 +92,7 @@ def test_score_matches_the_model_and_is_chunk_invariant():
     cfg = config.tiny(vocab_size=264)
     params = init_params(cfg, jax.random.PRNGKey(0))
     g = needle.grid(TOK, [32, 48], [0.25, 0.75], 3, seed=1, seq_len=48)
-    s = needle.score(cfg, params, g)
+    s = needle_eval.score(cfg, params, g)
     logits, _ = M1Model(cfg).apply({"params": params}, jnp.asarray(g["tokens"]), jnp.asarray(g["segment_ids"]))
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     for i in range(len(g["length"])):
@@ -99,9 +100,9 @@ def test_score_matches_the_model_and_is_chunk_invariant():
         tgt = g["tokens"][i, pos + 1]
         np.testing.assert_allclose(s["nll"][i], -logp[i, pos, tgt].mean(), rtol=1e-5)
         assert s["exact"][i] == bool((logp[i, pos].argmax(-1) == tgt).all())
-    chunked = needle.score(cfg, params, g, rows_per_call=5)  # 12 rows: 5 + 5 + 2 (padded)
+    chunked = needle_eval.score(cfg, params, g, rows_per_call=5)  # 12 rows: 5 + 5 + 2 (padded)
     np.testing.assert_allclose(chunked["nll"], s["nll"], rtol=1e-5)
     np.testing.assert_array_equal(chunked["exact"], s["exact"])
-    t = needle.table(g, s)
+    t = needle_eval.table(g, s)
     assert t["nll"].shape == t["accuracy"].shape == (2, 2)
     np.testing.assert_allclose(t["nll"][1, 0], s["nll"][(g["length"] == 48) & (g["depth"] == 0.25)].mean())

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from rl.config import base_config, validate
-from rl.loop import paired_change, train
+from rl.evaluate import paired_change
+from rl.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,12 +18,13 @@ import pytest
 
 from m1jax import M1Model
 from m1jax import sharding as shd
+from m1jax.objective import targets_and_mask, token_nll
 from m1jax.train import config as tc
 from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
-from m1jax.train.loop import NonFiniteError, _check_finite, train
+from m1jax.train.loop import NonFiniteError, check_finite, train
 from m1jax.train.metrics import read_metrics
-from m1jax.train.step import Trainer, targets_and_mask, token_nll
+from m1jax.train.step import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,9 +133,9 @@ def test_nonfinite_step_is_skipped():
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)
     state, m = tr.step(state, tr.put_batch(_batch(1)))
     assert bool(m["finite"]) and int(m["bad_streak"]) == 0 and int(m["skipped"]) == 1 and int(state["step"]) == 2
-    _check_finite(2, {"bad_streak": 1, "loss": float("nan")}, max_bad=2)  # one bad step: a warning
+    check_finite(2, {"bad_streak": 1, "loss": float("nan")}, max_bad=2)  # one bad step: a warning
     with pytest.raises(NonFiniteError, match="consecutive"):
-        _check_finite(3, {"bad_streak": 2, "loss": float("nan")}, max_bad=2)
+        check_finite(3, {"bad_streak": 2, "loss": float("nan")}, max_bad=2)
 
 
 def test_gradient_accumulation_matches_one_batch():

@@ -36,7 +36,7 @@ import numpy as np
 
 from experiments.benchmarks.forward import write_report
 from experiments.benchmarks.train_step import measured_peak_flops
-from m1jax.kernels import gpu_kernel, lightning_attention, resolve_lightning_impl
+from m1jax.kernels import gpu_kernel, lightning_attention, registry, resolve_lightning_impl
 from m1jax.layers import layer_slopes
 
 # Vendor dense bf16 peaks (SPEC 3) and HBM bandwidths, by device kind prefix.
@@ -111,15 +111,8 @@ def vs_reference(impl, q, k, v, slopes, block_size, want) -> float:
 
 
 def chunk_of(impl, n, block_size):
-    if impl == "pallas_mgpu":
-        from m1jax.kernels.lightning import pallas_mgpu
-
-        return min(pallas_mgpu.C, n)
-    if impl in ("pallas_gpu", "pallas_triton"):
-        from m1jax.kernels.lightning import pallas_triton
-
-        return min(block_size, pallas_triton.MAX_BLOCK, n)
-    return min(block_size, n)
+    """The chunk length `impl` runs at (its registry row: default block and cap)."""
+    return registry.LIGHTNING[impl].chunk(block_size, n)
 
 
 def annotate(row, peak_flops, bw, b, h, n, d, itemsize, block_size):

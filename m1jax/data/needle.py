@@ -9,24 +9,19 @@ the context and copy what followed it. With `distractors > 0` it must also match
 `document(...)` builds one (its token count is exactly `length`, the needle at `depth`: 0 = the
 start of the haystack, 1 = just before the query); `corpus(...)` many with random lengths and depths
 (training data for `m1jax.data.pipeline.Packer`, mixed with another corpus by `concat`);
-`grid(...)` a padded evaluation batch over lengths x depths; `score(cfg, params, batch)` the
-teacher-forced loss and exact-match accuracy on the answer tokens.
+`grid(...)` a padded evaluation batch over lengths x depths, which `m1jax.evals.needle.score`
+scores (teacher-forced loss and exact-match accuracy on the answer tokens).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import string
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from m1jax.data.pipeline import Corpus
-from m1jax.model import M1Model
-from m1jax.train.step import targets_and_mask, token_nll
 
 _WORD_CHARS = string.ascii_lowercase
 _KEY_CHARS = string.ascii_uppercase
@@ -194,44 +189,3 @@ def grid(
         "length": np.asarray([n for n, _ in rows], np.int32),
         "depth": np.asarray([d for _, d in rows], np.float32),
     }
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _answer_stats(cfg, params, tokens, segment_ids, answer_mask):
-    logits, _ = M1Model(cfg).apply({"params": params}, tokens, segment_ids)
-    targets, _ = targets_and_mask(tokens, segment_ids)
-    nll = token_nll(logits, targets)
-    right = (jnp.argmax(logits, -1) == targets) | (answer_mask == 0)
-    n = jnp.maximum(jnp.sum(answer_mask, -1), 1.0)
-    return jnp.sum(nll * answer_mask, -1) / n, jnp.all(right, -1)
-
-
-def score(cfg, params, batch: dict, rows_per_call: int = 64) -> dict[str, np.ndarray]:
-    """Teacher-forced answer metrics per row of a `grid` batch: {"nll": mean NLL of the answer tokens
-    (nats), "exact": all answer tokens are the argmax}. Rows go through the model `rows_per_call` at
-    a time (padding the last call, so one compiled shape serves every call)."""
-    n = batch["tokens"].shape[0]
-    nll, exact = [], []
-    for s in range(0, n, rows_per_call):
-        part = {k: batch[k][s : s + rows_per_call] for k in ("tokens", "segment_ids", "answer_mask")}
-        m = part["tokens"].shape[0]
-        if m < rows_per_call and n > rows_per_call:
-            extra = rows_per_call - m
-            part = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
-        a, b = jax.device_get(_answer_stats(cfg, params, part["tokens"], part["segment_ids"], part["answer_mask"]))
-        nll.append(np.asarray(a)[:m])
-        exact.append(np.asarray(b)[:m])
-    return {"nll": np.concatenate(nll), "exact": np.concatenate(exact)}
-
-
-def table(batch: dict, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Mean answer NLL and accuracy per (length, depth) cell: {"lengths", "depths", "nll" [L, D], "accuracy" [L, D]}."""
-    lengths, depths = np.unique(batch["length"]), np.unique(batch["depth"])
-    nll = np.zeros((len(lengths), len(depths)))
-    acc = np.zeros_like(nll)
-    for i, n in enumerate(lengths):
-        for j, d in enumerate(depths):
-            sel = (batch["length"] == n) & (batch["depth"] == d)
-            nll[i, j] = scores["nll"][sel].mean()
-            acc[i, j] = scores["exact"][sel].mean()
-    return {"lengths": lengths, "depths": depths, "nll": nll, "accuracy": acc}

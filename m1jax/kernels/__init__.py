@@ -1,4 +1,4 @@
-"""Compute kernels behind one stable signature each; `impl` picks the implementation."""
+"""Compute kernels behind one stable signature each; `impl` picks a row of `registry`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from m1jax.kernels import lightning as _lightning
+from m1jax.kernels import registry
 from m1jax.kernels.lightning.partition import shardable
-from m1jax.parallel import context_mesh, inside_shard_map
+from m1jax.mesh import context_mesh, inside_shard_map
 
-LIGHTNING_IMPLS = ("auto", "reference", "recurrent", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "pallas_triton")
 # Below this length a kernel launch does not pay off over the jnp blocked form.
 MIN_KERNEL_LENGTH = 128
 
@@ -52,13 +52,15 @@ def gpu_kernel(dtype, dk: int, dv: int, interpret: bool = False) -> str:
     return "pallas_mgpu" if ok else "pallas_triton"
 
 
-def _kernel_call(forward, partitionable, q, k, v, slopes, initial_state, segment_ids, **kw):
+def _kernel_call(spec: registry.Impl, interpret, q, k, v, slopes, initial_state, segment_ids, **kw):
+    """A Pallas lightning kernel on [B, T, H, D] inputs: head-major, run per device shard, with the
+    backward of `vjp.py` (three forward calls)."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     hm = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, D] <-> [B, H, T, D]
     h0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state
     runs = None if segment_ids is None else _lightning.run_ids(segment_ids)
-    core = shardable(forward, partitionable=partitionable, **kw)
+    core = shardable(spec.load(), partitionable=spec.can_partition(interpret), interpret=interpret, **kw)
     out, final = _lightning.lightning_vjp(core, hm(q), hm(k), hm(v), slopes, h0, runs)
     return hm(out), final
 
@@ -73,40 +75,39 @@ def lightning_attention(
         they get no gradient from the kernels).
       initial_state: optional fp32 [B, H, Dk, Dv] state entering the first token.
       segment_ids: optional [B, T] ids; attention and state stay inside each contiguous run.
-      impl: "reference" (chunked jnp, `lax.scan` over blocks), "recurrent" (token by token),
-        "pallas_tpu" (Mosaic TPU kernel), "pallas_gpu" (the GPU kernel that applies, see `gpu_kernel`),
-        "pallas_mgpu" (Mosaic GPU, Hopper), "pallas_triton" (Triton backend) or "auto".
+      impl: a row of `registry.LIGHTNING` ("reference", "recurrent", "pallas_tpu", "pallas_gpu",
+        "pallas_mgpu", "pallas_triton") or "auto" (`resolve_lightning_impl`).
       block_size: chunk length; None picks the implementation's default.
       interpret: run a Pallas kernel in interpret mode (any backend, for tests).
     Returns:
       (out [B, T, H, Dv] in q's dtype, final_state fp32 [B, H, Dk, Dv]).
     """
     impl = resolve_lightning_impl(impl, q.shape[1])
-    kw = dict(initial_state=initial_state, segment_ids=segment_ids)
-    if impl == "reference":
-        return _lightning.lightning_chunked(q, k, v, slopes, block_size=block_size or 256, **kw)
-    if impl == "recurrent":
-        return _lightning.lightning_recurrence(q, k, v, slopes, **kw)
-    if impl == "pallas_tpu":
-        from m1jax.kernels.lightning import pallas_tpu
-
-        kw.update(block_size=block_size or 256, interpret=interpret)
-        # Mosaic TPU calls cannot go through custom_partitioning (jax-ml/jax#38196); interpret mode can.
-        return _kernel_call(pallas_tpu.forward, interpret, q, k, v, slopes, **kw)
     if impl == "pallas_gpu":
         impl = gpu_kernel(q.dtype, q.shape[-1], v.shape[-1], interpret)
-    if impl == "pallas_mgpu":
-        from m1jax.kernels.lightning import pallas_mgpu
-
-        kw.update(interpret=interpret)
-        # The interpreter's ordered callbacks cannot go through custom_partitioning; the kernel can.
-        return _kernel_call(pallas_mgpu.forward, not interpret, q, k, v, slopes, **kw)
-    if impl == "pallas_triton":
-        from m1jax.kernels.lightning import pallas_triton
-
-        kw.update(block_size=block_size or 64, interpret=interpret)
-        return _kernel_call(pallas_triton.forward, True, q, k, v, slopes, **kw)
-    raise ValueError(f"lightning_attention: unknown impl {impl!r}; expected one of {list(LIGHTNING_IMPLS)}")
+    spec = registry.lookup(registry.LIGHTNING, impl, "lightning")
+    kw = dict(initial_state=initial_state, segment_ids=segment_ids)
+    if spec.block_size is not None:  # blocked forms; a kernel caps it at its max_block itself
+        kw["block_size"] = block_size or spec.block_size
+    if not spec.pallas:
+        return spec.load()(q, k, v, slopes, **kw)
+    return _kernel_call(spec, interpret, q, k, v, slopes, **kw)
 
 
-__all__ = ["LIGHTNING_IMPLS", "gpu_kernel", "lightning_attention", "resolve_lightning_impl"]
+def softmax_attention(q, k, v, runs=None, *, impl: str = "auto"):
+    """Causal GQA softmax attention: q [B, T, H, D], k / v [B, T, G, D], runs [B, T] document ids
+    (None: one document). impl: a row of `registry.SOFTMAX` or "auto" (the flash loop)."""
+    spec = registry.lookup(registry.SOFTMAX, "flash" if impl == "auto" else impl, "softmax")
+    return spec.load()(q, k, v, runs)
+
+
+LIGHTNING_IMPLS = registry.LIGHTNING_IMPLS
+
+__all__ = [
+    "LIGHTNING_IMPLS",
+    "gpu_kernel",
+    "lightning_attention",
+    "registry",
+    "resolve_lightning_impl",
+    "softmax_attention",
+]

@@ -28,6 +28,10 @@ class CheckpointRestoreError(RunError):
     """Checkpoints exist but none of them restores."""
 
 
+class _LayoutError(Exception):
+    """A readable checkpoint that does not fit the target: a config error, never skipped."""
+
+
 def _short(e: Exception, limit: int = 200) -> str:
     """An exception as one line of at most `limit` characters (tensorstore errors embed whole specs)."""
     text = " ".join(f"{type(e).__name__}: {e}".split())
@@ -145,18 +149,51 @@ class Checkpointer:
         holds a different state layout (another model size or optimizer): older checkpoints of the
         same run would not fit either, so nothing is skipped.
         """
-        failures = []
-        _quiet_failed_restore_leftovers()  # before: the leftovers of a failed read fire during the restore
-        for step in reversed(self.steps()):
+
+        def restore(step):
             mismatch = self._layout_mismatch(step, abstract_state)
             if mismatch:
-                raise ValueError(
+                raise _LayoutError(
                     f"checkpoint at step {step} in {self.directory} does not fit this run's state "
                     f"(changed model or optimizer config? use a fresh workdir): {mismatch}"
                 )
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+            out = self.manager.restore(step, args=args)
+            return out["state"], out["data"]
+
+        found = self._newest(restore, "resumed from")
+        return None if found is None else (found[0], *found[1])
+
+    def restore_params(self, abstract_params):
+        """(step, params) of the newest checkpoint whose parameters restore, or None: only the
+        "params" subtree is read (no optimizer state is needed to load a model)."""
+        handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        reader = ocp.CheckpointManager(self.directory, item_handlers=handlers)
+        target = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+
+        def restore(step):
+            mismatch = self._layout_mismatch(step, target, only=target)
+            if mismatch:
+                raise _LayoutError(f"checkpoint at step {step} in {self.directory} holds another model: {mismatch}")
+            item = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+            return reader.restore(step, args=ocp.args.Composite(state=item))["state"]["params"]
+
+        try:
+            return self._newest(restore, "loaded parameters from")
+        finally:
+            reader.close()
+
+    def _newest(self, restore, verb: str):
+        """(step, restore(step)) for the newest step that restores, falling back past unreadable
+        ones (each a warning); None without checkpoints; CheckpointRestoreError if none restores."""
+        failures = []
+        _quiet_failed_restore_leftovers()  # before: the leftovers of a failed read fire during the restore
+        for step in reversed(self.steps()):
             try:
-                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-                out = self.manager.restore(step, args=args)
+                out = restore(step)
+            except _LayoutError as e:
+                raise ValueError(str(e)) from None
             except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
                 log.debug(f"restoring step {step} of {self.directory} failed", exc_info=True)
                 short = _short(e)
@@ -167,8 +204,8 @@ class Checkpointer:
                 failures.append(f"step {step}: {short}")
                 continue
             if failures:
-                log.warning(f"resumed from step {step} after skipping {len(failures)} unreadable checkpoint(s)")
-            return step, out["state"], out["data"]
+                log.warning(f"{verb} step {step} after skipping {len(failures)} unreadable checkpoint(s)")
+            return step, out
         if failures:
             raise CheckpointRestoreError(
                 f"none of the {len(failures)} checkpoint(s) in {self.directory} could be restored; move that "
@@ -176,15 +213,17 @@ class Checkpointer:
             )
         return None
 
-    def _layout_mismatch(self, step: int, abstract_state) -> str | None:
-        """`layout_mismatch` against the step's stored metadata; None when that is unreadable (the
-        restore then fails and is reported as a corrupt checkpoint)."""
+    def _layout_mismatch(self, step: int, abstract_state, only=None) -> str | None:
+        """`layout_mismatch` against the step's stored metadata (`only`: of these top-level keys);
+        None when that is unreadable (the restore then fails and is reported as a corrupt checkpoint)."""
         try:
             stored = self.manager.item_metadata(step)["state"]
         except Exception:  # noqa: BLE001 - a truncated checkpoint: left to the restore's fallback
             return None
         if stored is None or not jax.tree.leaves(stored):  # no usable metadata: nothing to compare
             return None
+        if only is not None:
+            stored = {k: stored[k] for k in only if k in stored}
         return layout_mismatch(stored, abstract_state)
 
     def close(self) -> None:

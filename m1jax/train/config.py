@@ -14,6 +14,7 @@ import ml_collections
 
 from m1jax import config as presets
 from m1jax.config import ModelConfig
+from m1jax.mesh import batch_parallel
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -151,9 +152,7 @@ def validate(c: ml_collections.ConfigDict, tokenizer_vocab: int | None = None) -
 
 def check_batch_layout(c: ml_collections.ConfigDict, mesh_shape: dict, num_processes: int = 1) -> None:
     """Each micro-batch must split evenly over the batch-parallel mesh axes, the batch over processes."""
-    dp = 1
-    for a in ("data", "fsdp", "expert"):
-        dp *= int(mesh_shape.get(a, 1))
+    dp = batch_parallel(mesh_shape)
     if (c.batch_size // c.micro_batches) % dp:
         raise ValueError(
             f"config.batch_size={c.batch_size} / micro_batches={c.micro_batches} is not divisible by the "

@@ -11,12 +11,9 @@ before the others read it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 
 import jax
@@ -25,16 +22,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from m1jax import sharding as shd
-from m1jax.data import tasks as task_lib
 from m1jax.data.pipeline import Packer, load_corpus
 from m1jax.data.tokenizer import load_tokenizer
 from m1jax.errors import RunError
-from m1jax.generate import generate
+from m1jax.evals import heldout
 from m1jax.train import flops as flops_lib
 from m1jax.train import optim
-from m1jax.train.checkpoint import Checkpointer
 from m1jax.train.config import check_batch_layout, validate
-from m1jax.train.metrics import MetricWriter, clear_summary, last_value, read_summary, write_summary
+from m1jax.train.metrics import last_value
+from m1jax.train.run import Run
 from m1jax.train.step import Trainer
 
 log = logging.getLogger("m1jax")
@@ -42,34 +38,6 @@ log = logging.getLogger("m1jax")
 
 class NonFiniteError(RunError):
     """`max_bad_steps` steps in a row had a non-finite loss or gradient."""
-
-
-@contextlib.contextmanager
-def _stop_on_signals():
-    """Yields a dict whose "signal" entry is set by SIGTERM / SIGINT instead of dying mid-step."""
-    flag: dict[str, str | None] = {"signal": None}
-    old = {}
-    if threading.current_thread() is threading.main_thread():  # handlers only work there
-        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        for s in old:
-            signal.signal(s, lambda num, _frame: flag.__setitem__("signal", signal.Signals(num).name))
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def stop_requested(flag) -> str | None:
-    """The stop signal if any process got one, else None. With several processes they agree (one
-    tiny all-gather per step), so all leave the step loop at the same step and save the checkpoint
-    together: a process stopping alone would wait in the save's collectives while the others wait
-    in the next step's."""
-    if jax.process_count() > 1:
-        anyone = np.any(multihost_utils.process_allgather(np.int32(flag["signal"] is not None)))
-        if anyone and flag["signal"] is None:
-            flag["signal"] = "signal on another process"
-    return flag["signal"]
 
 
 def _shard_packer(corpus, c, **kwargs) -> Packer:
@@ -112,21 +80,13 @@ def _eval_loss(trainer: Trainer, params, corpus, c) -> float:
 
 
 def samples(cfg, params, tokenizer, c) -> tuple[list[dict], float | None]:
-    """Greedy completions of held-out prompts; accuracy for the embedded task corpus."""
+    """Greedy completions of held-out prompts; accuracy for the embedded task corpus (else none)."""
     if c.num_samples <= 0 or c.data.source != "tasks":  # only the task corpus has checkable answers
         return [], None
-    stream = task_lib.examples(c.data.seed + 1, "test", tuple(c.data.tasks))
-    exs = [next(stream) for _ in range(c.num_samples)]
-    prompts = [tokenizer.encode(e.prompt, bos=True) for e in exs]
-    gen = generate(cfg, params, prompts, c.max_new_tokens, greedy=True, stop_tokens=[tokenizer.eos_id])
-    toks, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
-    rows = []
-    for e, t, n in zip(exs, toks, lengths, strict=True):
-        text = tokenizer.decode(t[:n].tolist(), skip_special=False).replace("<eos>", "")
-        rows.append(
-            {"prompt": e.prompt, "completion": text, "answer": e.answer, "reward": task_lib.score(text, e.answer)}
-        )
-    return rows, float(np.mean([r["reward"] for r in rows]))
+    return heldout.greedy_accuracy(
+        cfg, params, tokenizer, seed=c.data.seed + 1, tasks=tuple(c.data.tasks), n=c.num_samples,
+        max_new_tokens=c.max_new_tokens,
+    )  # fmt: skip
 
 
 def make_optimizer(c: ml_collections.ConfigDict):
@@ -136,26 +96,8 @@ def make_optimizer(c: ml_collections.ConfigDict):
     return lr_fn, tx
 
 
-def finished(workdir: str, checkpoints: list[int], steps: int) -> dict | None:
-    """The stored summary of a run that finished (its final stage included) at its newest
-    checkpoint, at or past `steps`; else None. Checked before anything is built or restored.
-
-    With several processes, process 0 decides and tells the others: they must take the same path,
-    since training and the final stage are collectives."""
-    done = read_summary(workdir)
-    last = checkpoints[-1] if checkpoints else None
-    ok = done is not None and last is not None and done.get("end_step") == last >= steps
-    if jax.process_count() > 1:
-        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-        if ok and done is None:  # process 0 read it; this one could not (yet): the step suffices
-            done = {"end_step": last, "steps": steps}
-    return done if ok else None
-
-
-def _complete(workdir: str, done: dict, steps: int) -> dict:
+def _complete(workdir: str, done: dict) -> dict:
     """The summary a rerun of a finished run returns (samples from samples.jsonl)."""
-    if done["end_step"] > steps:
-        log.warning(f"the run in {workdir} finished at step {done['end_step']}, past config.steps={steps}")
     path, rows = os.path.join(workdir, "samples.jsonl"), []
     if os.path.exists(path):
         with open(path) as fh:
@@ -176,123 +118,82 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     """
     tokenizer = load_tokenizer(c.data.tokenizer)
     cfg = validate(c, tokenizer.vocab_size)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
-    if (done := finished(workdir, ckpt.steps(), c.steps)) is not None:
-        ckpt.close()
-        return _complete(workdir, done, c.steps)
-    primary = jax.process_index() == 0  # the one writer of the workdir's files (orbax coordinates its own)
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as fh:
-            fh.write(c.to_json_best_effort(indent=2))
+    run = Run(c, workdir, desc="pretrain", progress=progress)
+    if (done := run.finished()) is not None:
+        return _complete(workdir, done)
 
     mesh = shd.mesh_from_config(dict(c.mesh))
-    n_proc = jax.process_count()
-    check_batch_layout(c, dict(mesh.shape), n_proc)
+    check_batch_layout(c, dict(mesh.shape), jax.process_count())
     train_corpus, eval_corpus = _load_corpora(c, tokenizer, workdir)
     packer = _shard_packer(train_corpus, c, seed=c.data.seed)
-
     lr_fn, tx = make_optimizer(c)
     trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches, loss_chunk=c.loss_chunk)
-
-    restored = ckpt.restore_latest(trainer.abstract_state)
-    if restored is None:
-        state, start = trainer.init(jax.random.PRNGKey(c.seed)), 0
-    else:
-        start, state, data_state = restored
-        packer.restore(data_state)  # this process's entry; a different process count is an error
-        log.info(f"resumed from step {start} ({ckpt.directory})")
-    if restored is None and primary:
-        clear_summary(workdir)  # of an earlier run in this workdir
-    previous = read_summary(workdir) if restored else None
-    if previous is not None and previous.get("end_step") == start < c.steps:
-        log.warning(
-            f"extending the finished run in {workdir} from step {start} to config.steps={c.steps}; the "
-            f"learning-rate schedule is recomputed for {c.steps} steps (it was for {previous.get('steps')})"
-        )
-    # A final stage that is repeated (killed before summary.json) replaces its rows.
-    again = ("sample_accuracy",) if start >= c.steps else ()
-    writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=primary, drop_at_resume=again)
+    fresh = lambda: trainer.init(jax.random.PRNGKey(c.seed))
+    state, start, data = run.begin(trainer.abstract_state, fresh, final_keys=("sample_accuracy",))
+    if data is not None:
+        packer.restore(data)  # this process's entry; a different process count is an error
 
     fpt = flops_lib.train_flops_per_token(cfg, c.seq_len)
     peak = flops_lib.peak_flops_per_device(override_tflops=c.peak_tflops)
     tokens_per_step = c.batch_size * c.seq_len
-    summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
+    clock = {"t": time.perf_counter(), "steps": 0, "pending": None, "last_loss": None}
 
-    bar = None
-    if progress and primary and start < c.steps:  # one bar, not one per process
-        from tqdm.auto import tqdm
+    def body(state, step):
+        state, metrics = trainer.step(state, trainer.put_batch(packer.next_batch()))
+        step += 1
+        clock["steps"] += 1
+        # Read the previous step's metrics while this one runs (keeps the device busy).
+        if clock["pending"] is not None:
+            check_finite(*clock["pending"], c.max_bad_steps)
+        clock["pending"] = (step, metrics)
+        if step % c.log_every == 0 or step == c.steps:
+            m = jax.device_get(metrics)
+            dt = time.perf_counter() - clock["t"]
+            tps = clock["steps"] * tokens_per_step / dt
+            load = np.asarray(m.pop("expert_load"))
+            row = dict(m, finite=float(m["finite"]), perplexity=float(np.exp(min(float(m["loss"]), 50.0))))
+            row.update(
+                tokens_per_s=tps,
+                step_time_s=dt / clock["steps"],
+                mfu=flops_lib.mfu(tps, fpt, mesh.size, peak),
+                expert_load_max=float(load.max() * cfg.num_local_experts),
+                expert_load=load,
+            )
+            run.writer.write(step, row)
+            clock["last_loss"] = float(m["loss"])
+            if run.bar is not None:
+                run.bar.set_postfix(loss=f"{clock['last_loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            clock["t"], clock["steps"] = time.perf_counter(), 0
+        if step % c.eval_every == 0 or step == c.steps:
+            run.writer.write(step, {"eval_loss": _eval_loss(trainer, state["params"], eval_corpus, c)})
+        return state
 
-        bar = tqdm(total=c.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
-    step, last_loss = start, None
-    t_log, steps_since, pending = time.perf_counter(), 0, None
-    with _stop_on_signals() as flag:
-        while step < min(c.steps, stop_at or c.steps) and stop_requested(flag) is None:
-            state, metrics = trainer.step(state, trainer.put_batch(packer.next_batch()))
-            step += 1
-            steps_since += 1
-            # Read the previous step's metrics while this one runs (keeps the device busy).
-            if pending is not None:
-                _check_finite(*pending, c.max_bad_steps)
-            pending = (step, metrics)
-            if step % c.log_every == 0 or step == c.steps:
-                m = jax.device_get(metrics)
-                dt = time.perf_counter() - t_log
-                tps = steps_since * tokens_per_step / dt
-                load = np.asarray(m.pop("expert_load"))
-                row = dict(m, finite=float(m["finite"]), perplexity=float(np.exp(min(float(m["loss"]), 50.0))))
-                row.update(
-                    tokens_per_s=tps,
-                    step_time_s=dt / steps_since,
-                    mfu=flops_lib.mfu(tps, fpt, mesh.size, peak),
-                    expert_load_max=float(load.max() * cfg.num_local_experts),
-                    expert_load=load,
-                )
-                writer.write(step, row)
-                last_loss = float(m["loss"])
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-                t_log, steps_since = time.perf_counter(), 0
-            if step % c.eval_every == 0 or step == c.steps:
-                writer.write(step, {"eval_loss": _eval_loss(trainer, state["params"], eval_corpus, c)})
-            if step % c.checkpoint_every == 0 and step < c.steps:
-                ckpt.save(step, state, gather_data_state(packer))
-            if bar is not None:
-                bar.update(1)
-        if pending is not None:
-            _check_finite(*pending, c.max_bad_steps)
-    if bar is not None:
-        bar.close()
+    def after():
+        if clock["pending"] is not None:
+            check_finite(*clock["pending"], c.max_bad_steps)
 
-    ckpt.save(step, state, gather_data_state(packer), force=True, wait=True)
-    ckpt.close()
+    state, step = run.loop(state, start, body, lambda _: gather_data_state(packer), stop_at=stop_at, after=after)
+    last_loss = clock["last_loss"]
     if last_loss is None:  # nothing trained now (the final stage of a finished run is repeated)
         last_loss = last_value(workdir, "loss")
-    summary.update(end_step=step, last_loss=last_loss, checkpoints=ckpt.steps())
-    if step < c.steps:
-        summary["stopped_by"] = flag["signal"] or "stop_at"
-        log.warning(f"{summary['stopped_by']}: saved a checkpoint at step {step}; rerun the same command to resume")
-        writer.close()
+    summary = {"workdir": workdir, "start_step": start, "stopped_by": run.stopped_by, "end_step": step}
+    summary.update(last_loss=last_loss, checkpoints=run.ckpt.steps())
+    if run.stopped_by:
+        run.close()
         return summary
 
     rows, acc = samples(cfg, state["params"], tokenizer, c)  # every process: generate is a collective
-    if rows and primary:
-        with open(os.path.join(workdir, "samples.jsonl"), "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        writer.write(step, {"sample_accuracy": acc})
-        writer.write_text("samples", "\n\n".join(f"{r['prompt']}{r['completion']}" for r in rows[:8]), step)
-    writer.close()
+    if rows:
+        run.write_file("samples.jsonl", rows)
+        run.writer.write(step, {"sample_accuracy": acc})
+        run.writer.write_text("samples", "\n\n".join(f"{r['prompt']}{r['completion']}" for r in rows[:8]), step)
     summary.update(samples=rows, sample_accuracy=acc)
-    if primary:  # last: its presence says the run, final stage included, is done
-        write_summary(
-            workdir,
-            {k: summary[k] for k in ("end_step", "last_loss", "sample_accuracy", "checkpoints")}
-            | {"steps": c.steps, "num_samples": len(rows)},
-        )
+    keep = ("end_step", "last_loss", "sample_accuracy", "checkpoints")
+    run.close({k: summary[k] for k in keep} | {"num_samples": len(rows)})
     return summary
 
 
-def _check_finite(step: int, metrics, max_bad: int) -> None:
+def check_finite(step: int, metrics, max_bad: int) -> None:
     streak = int(metrics["bad_streak"])
     if streak:
         log.warning(f"step {step}: non-finite loss or gradient (loss={float(metrics['loss'])}); update skipped")

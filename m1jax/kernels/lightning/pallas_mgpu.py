@@ -6,7 +6,7 @@ warpgroup per program.
 
 1. `_states_kernel`: each span's own end state from a zero start, S <- g S + K^T diag(w) V, for
    all spans but the last (skipped when R = 1, i.e. when B x H alone fills the device).
-2. `pallas_triton._cross_span` (jnp, R x R per head): the state entering each span (SPEC 4).
+2. `spans.cross_span` (jnp, R x R per head): the state entering each span (SPEC 4).
 3. `_outputs_kernel`: each span replays its blocks from its incoming state,
    O = [(Q K^T) * D] V + diag(u) Q S, then updates S as in 1; the last span's S is the final state.
 
@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from m1jax.kernels.lightning.pallas_triton import _cross_span, plan
+from m1jax.kernels.lightning.spans import cross_span, plan
 
 _F32 = jnp.float32
 C = 64  # block length: the wgmma M tile and one 128-byte swizzle row of bf16
@@ -266,7 +266,7 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = C, spans: int | None
             grid=(b * h, r - 1, dv // BV),
             **grid,
         )(k, v, w, g)
-        states = _cross_span(ds, slopes, h0, runs, t, span_len)  # [B, H, R, Dk, Dv]: entering each span
+        states = cross_span(ds, slopes, h0, runs, t, span_len)  # [B, H, R, Dk, Dv]: entering each span
     else:  # one span (B x H fills the device): no state pass, k and v are read once
         states = h0[:, :, None]
     o, fin = plgpu.kernel(

@@ -27,10 +27,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from m1jax.kernels.lightning import block
+from m1jax.kernels.lightning.spans import cross_span, plan
 
 _F32 = jnp.float32
-MAX_BLOCK = 64  # chunk length cap: [C, C] scores and the [Dk, bv] state live in registers
-TARGET_PROGRAMS = 512  # ~4 waves of programs on a 132-SM H100
 
 
 def _compiler_params():
@@ -85,44 +84,6 @@ def _span_output_kernel(t_total, c, n_blocks, segmented, slopes_ref, q_ref, k_re
     fin_ref[...] = _loop_blocks(t_total, c, n_blocks, slopes_ref, ids_ref, prev_ref, step, s_ref[...])
 
 
-def plan(b: int, h: int, t: int, dv: int, block_size: int, spans: int | None = None) -> tuple[int, int, int, int]:
-    """(C, blocks per span, spans R, bv): enough programs to fill the device, no more."""
-    c = min(block_size, MAX_BLOCK, max(16, pl.next_power_of_2(t)))
-    nb = -(-t // c)
-    bv = 64 if dv % 64 == 0 else dv
-    if spans is None:
-        spans = -(-TARGET_PROGRAMS // (b * h * (dv // bv)))
-    r = min(nb, max(1, spans))
-    per_span = -(-nb // r)
-    r = -(-nb // per_span)
-    return c, per_span, r, bv
-
-
-def _cross_span(ds, slopes, h0, runs, t, span_len):
-    """From the end states ds of spans 0..R-1 [B, H, R, Dk, Dv] (each from a zero start), the states
-    entering spans 0..R: [B, H, R + 1, Dk, Dv] fp32 (SPEC 4). The kernels pass all spans but the
-    last, so row R is the state entering the last span."""
-    b, h, r = ds.shape[:3]
-    ends = jnp.minimum(span_len * (jnp.arange(r) + 1), t) - 1  # last valid token of span j
-    before = jnp.concatenate([jnp.array([-1]), ends])  # token before span r (row R: the last token)
-    s = slopes.astype(_F32)[None, :, None, None]
-    dist = (before[:, None] - ends[None, :]).astype(_F32)  # [R+1, R]
-    ok = jnp.arange(r)[None, :] < jnp.arange(r + 1)[:, None]  # j < r
-    ok0 = jnp.arange(r + 1) > 0
-    if runs is not None:
-        run_end = runs[:, ends]  # [B, R]
-        run_before = runs[:, jnp.maximum(before, 0)]  # [B, R+1]
-        ok = ok[None] & (run_end[:, None, :] == run_before[:, :, None])  # [B, R+1, R]
-        ok0 = ok0[None] & (run_before == runs[:, :1])  # [B, R+1]
-        ok, ok0 = ok[:, None], ok0[:, None]  # broadcast over heads
-    coef = jnp.exp(jnp.where(ok, -s * dist, -jnp.inf))  # [B|1, H, R+1, R]
-    coef0 = jnp.exp(jnp.where(ok0, -s[..., 0] * (before + 1).astype(_F32), -jnp.inf))  # [B|1, H, R+1]
-    coef0 = jnp.where(jnp.arange(r + 1) == 0, 1.0, coef0)
-    coef = jnp.broadcast_to(coef, (b, h, r + 1, r))
-    states = jnp.einsum("bhrj,bhjkv->bhrkv", coef, ds, precision=lax.Precision.HIGHEST)
-    return states + coef0[..., None, None] * h0[:, :, None]
-
-
 @partial(jax.jit, static_argnames=("block_size", "spans", "interpret"))
 def forward(q, k, v, slopes, h0, runs, *, block_size: int = 64, spans: int | None = None, interpret: bool = False):
     """Head-major forward: q, k [B, H, T, Dk], v [B, H, T, Dv], slopes [H], h0 fp32 [B, H, Dk, Dv],
@@ -162,7 +123,7 @@ def forward(q, k, v, slopes, h0, runs, *, block_size: int = 64, spans: int | Non
             name="lightning_span_states",
             **common,
         )(slopes, k, v, *extra)
-        states = _cross_span(ds, slopes, h0, runs, t, span_len)  # [B, H, R, Dk, Dv]: entering each span
+        states = cross_span(ds, slopes, h0, runs, t, span_len)  # [B, H, R, Dk, Dv]: entering each span
     else:  # one span: no state pass, k and v are read once
         states = h0[:, :, None]
     o, fin = pl.pallas_call(

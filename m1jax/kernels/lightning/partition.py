@@ -23,7 +23,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from m1jax.parallel import context_mesh
+from m1jax.mesh import context_mesh
 
 
 def _batch_head_specs(sharding, segmented: bool):

@@ -1,6 +1,6 @@
 """Causal GQA softmax attention in jnp loops with an online softmax (FlashAttention-2 schedule).
 
-The blocked form in `m1jax.attention.causal_attention` writes every [rows, keys] score block to
+The blocked form in `reference.causal_attention` writes every [rows, keys] score block to
 memory and reads it back three times; on CPU that traffic, not the matmuls, bounds it. Here each
 query block walks its key blocks in a loop, so a [c*R, c] score tile lives in cache, and blocks
 above the diagonal are never visited (the loop's trip count is dynamic). The backward pass is a

@@ -1,13 +1,12 @@
-"""flash_attention against the blocked reference (m1jax.attention.causal_attention): values and VJP."""
+"""flash_attention against the blocked reference (reference.causal_attention): values and VJP."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax.attention import causal_attention
 from m1jax.kernels.lightning import run_ids
-from m1jax.kernels.softmax import flash_attention
+from m1jax.kernels.softmax import causal_attention, flash_attention
 
 
 def rel(a, b):

@@ -1,0 +1,75 @@
+"""Held-out evaluation of a policy: greedy reward and exact-answer accuracy, and the accuracy of
+sampled responses at the training temperature (avg@k), each with its standard error over prompts;
+`paired_change` compares two evaluations on the same prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from rl import prompts as prompt_lib
+from rl import rewards as reward_lib
+from rl.sampler import SamplingParams, sample
+
+
+def decode_responses(tokenizer, rollout, stop_id) -> list[str]:
+    toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
+    out = []
+    for t, n in zip(toks, lengths, strict=True):
+        ids = t[:n].tolist()
+        if ids and ids[-1] == stop_id:
+            ids = ids[:-1]
+        out.append(tokenizer.decode(ids))
+    return out
+
+
+def exact(c, texts, refs) -> np.ndarray:
+    """1.0 where the answer is exactly right (the task family's check, or all positions for the toy)."""
+    return reward_lib.get("positions" if c.data.source != "tasks" else "task")(texts, refs) >= 1.0
+
+
+def _se(x: np.ndarray) -> float:
+    """Standard error of the mean of per-prompt values."""
+    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def paired_change(before: dict, after: dict) -> dict:
+    """Per-prompt arrays of two `evaluate(..., per_prompt=)` calls on the same held-out prompts ->
+    {metric: {"delta", "se", "z"}}: the mean change and its paired standard error (the prompts are
+    the same, so prompt difficulty cancels out of the error)."""
+    out = {}
+    for k in before.keys() & after.keys():
+        d = np.asarray(after[k], np.float64) - np.asarray(before[k], np.float64)
+        se = _se(d)
+        out[k] = {"delta": float(d.mean()), "se": se, "z": float(d.mean() / se) if se > 0 else 0.0}
+    return out
+
+
+def evaluate(cfg, params, tokenizer, c, reward_fn, per_prompt: dict | None = None) -> dict:
+    """Held-out prompts: greedy mean reward and exact-answer accuracy, and the accuracy of
+    `eval_samples` sampled responses per prompt at the training temperature (avg@k), each with
+    its standard error over prompts (`*_se`). Prompts and sampling keys are fixed, so two calls
+    see the same prompts; `per_prompt`, if given, receives the per-prompt values."""
+    split = "test" if c.data.source == "tasks" else "eval"
+    pairs = prompt_lib.batch(
+        c.data.source, c.data.seed, -1, c.eval_prompts, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split
+    )
+    sp = SamplingParams(c.max_new_tokens, greedy=True, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    r = sample(cfg, params, [tokenizer.encode(p, bos=True) for p, _ in pairs], sp, jax.random.PRNGKey(0))
+    texts = decode_responses(tokenizer, r, tokenizer.eos_id)
+    refs = [ref for _, ref in pairs]
+    vals = {"eval_reward": np.asarray(reward_fn(texts, refs)), "eval_accuracy": exact(c, texts, refs).astype(float)}
+    if c.eval_samples > 0:  # the sampling policy RL optimises: accuracy averaged over k samples per prompt
+        sp = dataclasses.replace(sp, greedy=False, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
+        prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(c.eval_samples)]
+        r = sample(cfg, params, prompts, sp, jax.random.PRNGKey(1))
+        k_refs = [ref for ref in refs for _ in range(c.eval_samples)]
+        hits = exact(c, decode_responses(tokenizer, r, tokenizer.eos_id), k_refs).astype(float)
+        vals["eval_sampled_accuracy"] = hits.reshape(len(pairs), c.eval_samples).mean(axis=1)
+    if per_prompt is not None:
+        per_prompt.update(vals)
+    out = {k: float(np.mean(v)) for k, v in vals.items()}
+    out |= {f"{k}_se": _se(v) for k, v in vals.items() if k != "eval_reward"}
+    return out
