@@ -23,12 +23,9 @@ def get_config():
     c.seq_len = 32768
     c.micro_batches = 2
     c.loss_chunk = 2048  # one 32K row's fp32 logits over 200K tokens would be 26 GB
-    c.learning_rate = 2e-4
-    c.warmup_steps = 2_000
-    c.schedule = "wsd"
-    c.eps = 1e-15
-    c.log_every = 10
-    c.eval_every = 1_000
-    c.checkpoint_every = 500
+    c.optim.update(learning_rate=2e-4, warmup_steps=2_000, schedule="wsd", eps=1e-15)
+    c.log.every = 10
+    c.eval.every = 1_000
+    c.checkpoint.every = 500
     c.mesh.update(data=1, fsdp=-1, expert=8, tensor=1, sequence=4)
     return c

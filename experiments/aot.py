@@ -136,16 +136,16 @@ def cispo_step(c, cfg, mesh, device_kind: str, prompt_len: int) -> dict:
     from rl.step import RLTrainer
 
     r = rl_config.base_config()
-    tx = optim.adamw(r.learning_rate, b1=r.b1, b2=r.b2, eps=r.eps, weight_decay=r.weight_decay, grad_clip=r.grad_clip)
+    _, tx = optim.from_config(r.optim, r.steps)
     tr = RLTrainer(
         cfg,
         tx,
         mesh,
         loss="cispo",
         loss_kw=rl_config.loss_kwargs(r),
-        temperature=r.temperature,
-        kl_coef=r.kl_coef,
-        aux=r.aux_loss,
+        temperature=r.rl.sampling.temperature,
+        kl_coef=r.rl.kl_coef,
+        aux=r.rl.aux_loss,
         micro_batches=c.micro_batches,
     )
     b, n = c.batch_size, c.seq_len - prompt_len

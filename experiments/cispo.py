@@ -1,7 +1,7 @@
 """Post-train with CISPO (or GRPO / DAPO / GSPO) on verifiable rewards.
 
     python -m experiments.cispo --config configs/cispo_tiny.py --workdir runs/cispo \
-        --config.init_from=runs/pretrain [--config.loss=cispo|grpo|dapo|gspo] [--config.steps=...]
+        --config.rl.init_from=runs/pretrain [--config.rl.loss=cispo|grpo|dapo|gspo] [--config.steps=...]
 
 configs/cispo_toy.py trains a small model from scratch on a digit-copy toy in about a minute.
 Re-running with the same --workdir resumes from the last checkpoint; on a finished run it says
@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
-
 from experiments import cli
 
-_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cispo_toy.py")
-_CONFIG = cli.config_flag(_DEFAULT)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/cispo", "checkpoints, metrics.jsonl, TensorBoard events")
-_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_CONFIG, _WORKDIR, _PROGRESS = cli.run_flags(
+    "cispo_toy.py", "runs/cispo", "checkpoints, metrics.jsonl, TensorBoard events"
+)
 
 
 def main(argv) -> None:
@@ -54,7 +51,4 @@ def report(summary: dict, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    from m1jax import host
-
-    host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.launch(main)

@@ -26,6 +26,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 log = logging.getLogger("m1jax")
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _PARSE_ERRORS = (KeyError, AttributeError, TypeError, ValueError, IndexError)  # what a bad override raises
 
@@ -40,6 +41,26 @@ def config_flag(default: str | None, help_text: str = "ml_collections config fil
         )
     except _PARSE_ERRORS as e:
         raise SystemExit(f"error: {describe_override_error(sys.argv, default, e)}") from None
+
+
+def run_flags(default_config: str, default_workdir: str, workdir_help: str):
+    """(--config, --workdir, --progress): the flags of a training CLI; `default_config` is a file
+    name in configs/."""
+    return (
+        config_flag(os.path.join(_CONFIGS, default_config)),
+        flags.DEFINE_string("workdir", default_workdir, workdir_help),
+        flags.DEFINE_bool("progress", True, "show a progress bar"),
+    )
+
+
+def launch(main) -> None:
+    """`app.run(main)` with `parse_flags`, after re-executing with huge pages where that helps."""
+    from absl import app
+
+    from m1jax import host
+
+    host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
+    app.run(main, flags_parser=parse_flags)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -71,7 +92,8 @@ def _check_config_path(argv) -> None:
 def describe_override_error(argv, default: str | None, error: Exception) -> str:
     """Which `--config.a.b=v` override could not be placed in the config, and why (the section
     that does not exist, with the closest names; or a value that is not a section)."""
-    from m1jax.train.config import unknown_message
+    from m1jax.train import config as train_config
+    from rl import config as rl_config
 
     value = _config_arg(argv) or default
     try:
@@ -80,6 +102,7 @@ def describe_override_error(argv, default: str | None, error: Exception) -> str:
         config = get_config(arg) if arg else get_config()
     except Exception:  # noqa: BLE001 - the config file itself is broken: its own error says more
         return f"{type(error).__name__}: {error}"
+    renamed = train_config.dotted(rl_config.RENAMED if "rl" in config else train_config.RENAMED)
     for arg in argv[1:]:
         if not arg.startswith(("--config.", "--noconfig.")):
             continue
@@ -89,7 +112,7 @@ def describe_override_error(argv, default: str | None, error: Exception) -> str:
             if not isinstance(node, config_dict.ConfigDict):
                 return f"{arg}: {where} is a value, not a section with fields"
             if part not in node:
-                return f"{arg}: " + unknown_message([part], node.keys(), where)
+                return f"{arg}: " + train_config.unknown_message([part], node.keys(), where, renamed)
             node, where = node[part], f"{where}.{part}"
         if not isinstance(node, config_dict.ConfigDict):
             return f"{arg}: {where} is a value, not a section with fields"

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
-
 from experiments import cli
 
-_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain_tiny.py")
-_CONFIG = cli.config_flag(_DEFAULT)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/pretrain", "checkpoints, metrics.jsonl, TensorBoard events, samples")
-_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_CONFIG, _WORKDIR, _PROGRESS = cli.run_flags(
+    "pretrain_tiny.py", "runs/pretrain", "checkpoints, metrics.jsonl, TensorBoard events, samples"
+)
 
 
 def main(argv) -> None:
@@ -56,7 +53,4 @@ def report(summary: dict, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    from m1jax import host
-
-    host.reexec_with_hugepages()  # first: glibc reads its tunables at start-up
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.launch(main)

@@ -22,7 +22,18 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "dense", "tiled", "ragged")
 PARALLEL_IMPLS = ("shard_map", "gspmd")  # see m1jax.parallel
-M1_ALPHA = (2 * 80) ** 0.25  # DeepNorm alpha = (2N)^(1/4), N = 80 layers
+# How the model is computed, not what it computes: free to change when a run resumes.
+IMPL_FIELDS = ("block_size", "dtype", "param_dtype", "lm_head_fp32", "remat", "moe_impl", "lightning_impl")
+IMPL_FIELDS += ("softmax_impl", "parallel_impl", "moe_capacity_factor")
+_ALPHAS = ("layernorm_full_attention_alpha", "layernorm_linear_attention_alpha", "layernorm_mlp_alpha")
+
+
+def deepnorm_alpha(num_layers: int) -> float:
+    """DeepNorm's residual scale (2N)^(1/4) for N layers (M1, N = 80: 3.5566)."""
+    return (2 * num_layers) ** 0.25
+
+
+M1_ALPHA = deepnorm_alpha(80)
 
 
 def m1_layer_types(num_layers: int = 80, period: int = 8) -> tuple[int, ...]:
@@ -48,11 +59,11 @@ class ModelConfig:
     rope_theta: float = 10_000_000.0
     rms_norm_eps: float = 1e-5
     lightning_norm_eps: float = 1e-6  # the joint RMSNorm over all heads' outputs
-    layernorm_full_attention_alpha: float = M1_ALPHA
+    layernorm_full_attention_alpha: float | None = None  # None: deepnorm_alpha(num_hidden_layers)
     layernorm_full_attention_beta: float = 1.0
-    layernorm_linear_attention_alpha: float = M1_ALPHA
+    layernorm_linear_attention_alpha: float | None = None  # None: deepnorm_alpha(num_hidden_layers)
     layernorm_linear_attention_beta: float = 1.0
-    layernorm_mlp_alpha: float = M1_ALPHA
+    layernorm_mlp_alpha: float | None = None  # None: deepnorm_alpha(num_hidden_layers)
     layernorm_mlp_beta: float = 1.0
     postnorm: bool = True  # residual branch is the normed input (M1); False: the raw input
     router_aux_loss_coef: float = 0.001
@@ -75,6 +86,12 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.attn_type_list, list):
             object.__setattr__(self, "attn_type_list", tuple(self.attn_type_list))
+        # Derived unless set: the alphas follow the layer count (also through `replace`).
+        derived = frozenset(f for f in _ALPHAS if getattr(self, f) is None)
+        if isinstance(self.num_hidden_layers, int) and self.num_hidden_layers > 0:
+            for f in derived:
+                object.__setattr__(self, f, deepnorm_alpha(self.num_hidden_layers))
+        object.__setattr__(self, "_derived", derived)
         _validate(self)
 
     # -- derived values ---------------------------------------------------------------
@@ -93,7 +110,9 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; derived fields (the DeepNorm alphas) are derived again."""
+        derived = {f: None for f in getattr(self, "_derived", ()) if f not in changes}
+        return dataclasses.replace(self, **derived, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -149,6 +168,10 @@ def _validate(c: ModelConfig) -> None:
         bad("dtype", f"must be 'auto' or one of {sorted(_DTYPES)}")
     if c.param_dtype not in _DTYPES:
         bad("param_dtype", f"must be one of {sorted(_DTYPES)}")
+    for f in _ALPHAS + ("layernorm_full_attention_beta", "layernorm_linear_attention_beta", "layernorm_mlp_beta"):
+        v = getattr(c, f)
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            bad(f, "must be a finite number")
     if not (c.moe_capacity_factor >= 0 and math.isfinite(c.moe_capacity_factor)):
         bad("moe_capacity_factor", "must be 0 (dropless) or a positive finite number")
     for f, allowed in (
@@ -178,67 +201,93 @@ def layer_plan(c: ModelConfig) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
     return types[:period], n // period, types[: n % period]
 
 
-# -- presets ---------------------------------------------------------------------------
+# -- presets: the one home of model shapes (run configs in configs/ name one) ---------------
+
+PRESETS: dict[str, Any] = {}
 
 
+def preset(fn):
+    """Register a preset: a function of ModelConfig overrides, listed in PRESETS by its name."""
+    PRESETS[fn.__name__] = fn
+    return fn
+
+
+def _layers(overrides: dict, num_layers: int, period: int) -> dict:
+    """num_hidden_layers and an M1-style attn_type_list (period - 1 lightning, then softmax) of that
+    depth: a preset's depth can be overridden alone."""
+    n = overrides.get("num_hidden_layers", num_layers)
+    return {"num_hidden_layers": n, "attn_type_list": m1_layer_types(n, period) if isinstance(n, int) and n > 0 else ()}
+
+
+@preset
 def minimax_m1(**overrides: Any) -> ModelConfig:
     """The published MiniMax-M1 (and MiniMax-Text-01) architecture: 456.09B parameters."""
-    return ModelConfig(**overrides)
+    return ModelConfig(**(_layers(overrides, 80, 8) | overrides))
 
 
+@preset
 def tiny(**overrides: Any) -> ModelConfig:
     """A few-thousand-parameter model for unit tests (fp32 everywhere)."""
     base = dict(
         vocab_size=97,
         hidden_size=48,
-        num_hidden_layers=4,
+        **_layers(overrides, 4, 4),
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
         intermediate_size=32,
         num_local_experts=4,
         num_experts_per_tok=2,
-        attn_type_list=m1_layer_types(4, 4),
         rotary_dim=8,
         rope_theta=10_000.0,
         block_size=16,
         dtype="float32",
         param_dtype="float32",
-        layernorm_full_attention_alpha=(2 * 4) ** 0.25,
-        layernorm_linear_attention_alpha=(2 * 4) ** 0.25,
-        layernorm_mlp_alpha=(2 * 4) ** 0.25,
         remat="none",
     )
-    base.update(overrides)
-    return ModelConfig(**base)
+    return ModelConfig(**(base | overrides))
 
 
+@preset
+def toy(**overrides: Any) -> ModelConfig:
+    """`tiny` at 2 layers (1 lightning + 1 softmax) over a 16-token digit vocabulary: RL from scratch."""
+    shape = dict(vocab_size=16, hidden_size=64, num_hidden_layers=2, attn_type_list=(LIGHTNING, SOFTMAX))
+    return tiny(**(shape | dict(rotary_dim=16, intermediate_size=128, block_size=8) | overrides))
+
+
+@preset
+def mini(**overrides: Any) -> ModelConfig:
+    """The embedded default: `small` narrowed to 3.8M parameters (2.2M active), byte tokenizer."""
+    shape = dict(vocab_size=264, hidden_size=128, num_attention_heads=4, head_dim=32, rotary_dim=16)  # 261 ids
+    shape |= dict(intermediate_size=256, num_local_experts=4, block_size=32, dtype="auto", remat="none")
+    return small(**(shape | overrides))
+
+
+@preset
 def small(**overrides: Any) -> ModelConfig:
-    """A ~118M-parameter 7:1 hybrid (29M active) for a laptop CPU: the embedded default."""
-    layers = 8
-    alpha = (2 * layers) ** 0.25
+    """A 118M-parameter 7:1 hybrid (29M active) with a 32K vocabulary, fp32: fits a laptop CPU."""
     base = dict(
         vocab_size=32_000,
         hidden_size=512,
-        num_hidden_layers=layers,
+        **_layers(overrides, 8, 8),
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=64,
         intermediate_size=768,
         num_local_experts=8,
         num_experts_per_tok=2,
-        attn_type_list=m1_layer_types(layers, 8),
         rotary_dim=32,
         rope_theta=10_000.0,
         block_size=64,  # the fastest jnp lightning block on CPU
         dtype="float32",
         param_dtype="float32",
-        layernorm_full_attention_alpha=alpha,
-        layernorm_linear_attention_alpha=alpha,
-        layernorm_mlp_alpha=alpha,
     )
-    base.update(overrides)
-    return ModelConfig(**base)
+    return ModelConfig(**(base | overrides))
 
 
-PRESETS = {"minimax_m1": minimax_m1, "tiny": tiny, "small": small}
+@preset
+def medium(**overrides: Any) -> ModelConfig:
+    """`small` at 16 layers and 1024 wide over the byte tokenizer: 480M parameters (180M active), one GPU."""
+    shape = dict(vocab_size=264, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, block_size=128)
+    shape |= dict(intermediate_size=1024, dtype="auto", remat="dots_no_batch")
+    return small(**(shape | {"num_hidden_layers": 16} | overrides))

@@ -1,7 +1,8 @@
 """Print a config's parameter count, layer plan and decode-state size; optionally run a forward.
 
-    python -m m1jax.summary                                # embedded default (configs/small.py)
-    python -m m1jax.summary --config configs/minimax_m1.py --no-forward
+    python -m m1jax.summary                                # the embedded default's model (preset mini)
+    python -m m1jax.summary --preset minimax_m1 --no-forward
+    python -m m1jax.summary --config configs/pretrain_small.py   # a run config's model section
 
 Counts come from `jax.eval_shape` of `init`: nothing is allocated, so the 456B model is fine.
 """
@@ -87,7 +88,7 @@ def describe(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def load_config_file(path: str) -> ModelConfig:
-    """A config file defines `get_config()` returning a ModelConfig or something with `.model`."""
+    """A config file defines `get_config()` returning a ModelConfig or a run config (its `model`)."""
     spec = importlib.util.spec_from_file_location("m1jax_user_config", path)
     if spec is None or spec.loader is None:
         raise ValueError(f"--config {path}: not a Python file")
@@ -97,10 +98,10 @@ def load_config_file(path: str) -> ModelConfig:
         raise ValueError(f"--config {path}: defines no get_config()")
     cfg = mod.get_config()
     cfg = getattr(cfg, "model", cfg)
-    if not isinstance(cfg, ModelConfig) and "preset" in cfg:  # a training config's model section
+    if not isinstance(cfg, ModelConfig) and "preset" in cfg:  # a run config's model section
         from m1jax.train.config import model_config
 
-        cfg = model_config(mod.get_config())
+        cfg = model_config(cfg)
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"--config {path}: get_config() returned {type(cfg).__name__}, not a ModelConfig")
     return cfg
@@ -126,7 +127,7 @@ def smoke_forward(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
 
 def main(argv=None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="config file with get_config(); default: the embedded `small` preset")
+    ap.add_argument("--config", help="config file with get_config(); default: the `mini` preset")
     ap.add_argument("--preset", choices=sorted(presets.PRESETS), help="a named preset instead of a file")
     ap.add_argument("--no-forward", action="store_true", help="skip the random-weight forward pass")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -134,7 +135,7 @@ def main(argv=None) -> dict[str, Any]:
     if args.config:
         cfg = load_config_file(args.config)
     else:
-        cfg = presets.PRESETS[args.preset or "small"]()
+        cfg = presets.PRESETS[args.preset or "mini"]()
     report = describe(cfg)
     report["config"] = {k: v for k, v in cfg.to_dict().items() if k != "attn_type_list"}
     # A forward of a 456B model needs a pod; only run it where it fits in a laptop's memory.

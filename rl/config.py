@@ -1,16 +1,18 @@
-"""The RL config: an `ml_collections.ConfigDict` with few keys, checked before anything compiles.
+"""The RL config: the shared sections of `m1jax.train.config` plus an `rl` section.
 
-One step = sample `prompts_per_step` prompts, `samples_per_prompt` responses each (a group),
-score them, compute group-relative advantages, then `updates_per_rollout` optimizer updates on
-disjoint minibatches of that rollout batch (off-policy after the first; M1 used 16).
+One step = sample `rl.prompts_per_step` prompts, `rl.samples_per_prompt` responses each (a group),
+score them, compute group-relative advantages, then `rl.updates_per_rollout` optimizer updates on
+disjoint minibatches of that rollout batch (off-policy after the first; M1 used 16). Each loss of
+`rl.losses` has its knobs in `rl.<loss name>`, built from the registry.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from m1jax.train.config import base_config as pretrain_base
-from m1jax.train.config import checker, model_config
+from m1jax.train.config import SHARED_RENAMED, check_shared, checker, field, model_config, shared_config
 from rl import advantages, losses, rewards
 
 OLD_LOGP = ("trainer", "sampler")
@@ -18,62 +20,54 @@ SOURCES = ("tasks", "toy_copy", "toy_reverse")
 
 
 def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.init_from = ""  # a pretraining workdir (model, tokenizer and params); "" = from scratch with `model`
-    c.model = ml_collections.ConfigDict({"preset": "tiny"})
+    c = shared_config()
     c.steps = 100
-    c.prompts_per_step = 16
-    c.samples_per_prompt = 8
-    c.updates_per_rollout = 4
-    c.micro_batches = 1  # gradient accumulation inside each minibatch update
-    # Objective: a name from rl.losses, each with its own knobs (absolute ratio bounds; 0 = none).
-    c.loss = "cispo"
-    c.aggregation = ""  # "" = the loss's default ("token_mean"; GRPO / GSPO: "seq_mean")
-    c.cispo = ml_collections.ConfigDict(
-        {"ratio_max": 5.0, "ratio_min": 0.0, "mask_ratio_max": 0.0, "mask_ratio_min": 0.0}
+    # Optimizer (M1: AdamW 0.9 / 0.95, eps 1e-15), a constant learning rate after warmup.
+    c.optim.update(learning_rate=1e-5, schedule="constant", warmup_steps=0, eps=1e-15, weight_decay=0.0)
+    c.data.toy_length = 4  # digits of the toy_copy / toy_reverse prompts
+    c.log.every = 1
+    c.eval.update(every=25, prompts=64)
+    c.eval.samples = 4  # sampled responses per held-out prompt for eval_sampled_accuracy (0: greedy only)
+    c.checkpoint.every = 25
+    r = c.rl = ml_collections.ConfigDict()
+    r.init_from = ""  # a pretraining workdir (model, tokenizer and params); "" = from scratch with `model`
+    r.prompts_per_step = 16
+    r.samples_per_prompt = 8
+    r.updates_per_rollout = 4
+    r.loss = "cispo"  # a name from rl.losses; its knobs are in rl.<name>
+    for name, entry in losses.LOSSES.items():
+        r[name] = ml_collections.ConfigDict(dataclasses.asdict(entry.knobs()))
+    r.kl_coef = 0.0  # k3 KL to the initial (reference) policy; always logged
+    r.advantage = "group"
+    r.zero_variance = "drop"  # or "keep" (with zero advantage)
+    r.old_logp = "trainer"  # recomputed by the trainer in fp32, or the sampler's
+    r.mask_truncated = False  # DAPO overlong filtering: no gradient from responses cut at max_new_tokens
+    r.aux_loss = True  # keep the MoE load-balancing loss
+    r.reward = "task"  # rewards by name:weight, e.g. "task:1.0,format:0.1"
+    r.sampling = ml_collections.ConfigDict(
+        {
+            "max_new_tokens": 96,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "confident_run": 3000,  # stop a response after this many consecutive tokens with p > confident_prob
+            "confident_prob": 0.99,
+        }
     )
-    c.grpo = ml_collections.ConfigDict({"clip_low": 0.8, "clip_high": 1.2})
-    c.dapo = ml_collections.ConfigDict({"clip_low": 0.8, "clip_high": 1.28})
-    c.gspo = ml_collections.ConfigDict({"clip_low": 1.0 - 3e-4, "clip_high": 1.0 + 4e-4})
-    c.kl_coef = 0.0  # k3 KL to the initial (reference) policy; always logged
-    c.advantage = "group"
-    c.zero_variance = "drop"  # or "keep" (with zero advantage)
-    c.old_logp = "trainer"  # recomputed by the trainer in fp32, or the sampler's
-    c.mask_truncated = False  # DAPO overlong filtering: no gradient from responses cut at max_new_tokens
-    # Optimizer (M1: AdamW 0.9 / 0.95, eps 1e-15).
-    c.learning_rate = 1e-5
-    c.warmup_steps = 0
-    c.b1 = 0.9
-    c.b2 = 0.95
-    c.eps = 1e-15
-    c.weight_decay = 0.0
-    c.grad_clip = 1.0
-    c.aux_loss = True  # keep the MoE load-balancing loss
-    # Sampling.
-    c.max_new_tokens = 96
-    c.temperature = 1.0
-    c.top_p = 1.0
-    c.top_k = 0
-    c.confident_run = 3000  # stop a response after this many consecutive tokens with p > confident_prob
-    c.confident_prob = 0.99
-    # Prompts and rewards: the embedded task family (or a toy), rewards by name:weight.
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "tasks"
-    c.data.seed = 0
-    c.data.tasks = ("add", "sub", "mul", "copy", "reverse", "sort", "linear")
-    c.data.toy_length = 4
-    c.data.tokenizer = "byte"
-    c.reward = "task"  # e.g. "task:1.0,format:0.1"
-    # Logging, evaluation, checkpoints, mesh.
-    c.log_every = 1
-    c.eval_every = 25
-    c.eval_prompts = 64
-    c.eval_samples = 4  # sampled responses per held-out prompt for eval_sampled_accuracy (0: greedy only)
-    c.checkpoint_every = 25
-    c.keep_checkpoints = 3
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, "sequence": 1})
     return c
+
+
+# The flat keys of the RL config before the sections: old -> new (see m1jax.train.config.RENAMED).
+_RL_KEYS = ("init_from", "prompts_per_step", "samples_per_prompt", "updates_per_rollout", "loss", "kl_coef")
+_RL_KEYS += ("advantage", "zero_variance", "old_logp", "mask_truncated", "aux_loss", "reward", "cispo", "grpo")
+_RL_KEYS += ("dapo", "gspo")
+_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "confident_run", "confident_prob")
+RENAMED = (
+    SHARED_RENAMED
+    | {k: f"rl.{k}" for k in _RL_KEYS}
+    | {k: f"rl.sampling.{k}" for k in _SAMPLING}
+    | {"eval_prompts": "eval.prompts", "eval_samples": "eval.samples", "aggregation": "rl.<loss>.aggregation"}
+)
 
 
 def reward_weights(spec: str) -> dict[str, float]:
@@ -84,57 +78,45 @@ def reward_weights(spec: str) -> dict[str, float]:
         try:
             out[name.strip()] = float(w) if w else 1.0
         except ValueError:
-            raise ValueError(f"config.reward={spec!r}: weight {w!r} of {name!r} is not a number") from None
+            raise ValueError(f"config.rl.reward={spec!r}: weight {w!r} of {name!r} is not a number") from None
     if not out:
-        raise ValueError("config.reward is empty; name at least one reward, e.g. 'task'")
+        raise ValueError("config.rl.reward is empty; name at least one reward, e.g. 'task'")
     return out
 
 
 def loss_kwargs(c) -> dict:
-    """Keyword arguments of the configured loss (0 bounds mean "none")."""
-    if c.loss == "cispo":
-        k = c.cispo
-        none0 = lambda v: None if v == 0 else v
-        kw = {"ratio_max": k.ratio_max, "ratio_min": none0(k.ratio_min)}
-        kw.update(mask_ratio_max=none0(k.mask_ratio_max), mask_ratio_min=none0(k.mask_ratio_min))
-    else:
-        kw = dict(c[c.loss])
-    if c.aggregation:
-        kw["aggregation"] = c.aggregation
-    return kw
+    """The knobs of the configured loss, as its keyword arguments."""
+    return dict(c.rl[c.rl.loss])
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    need = checker(c, base_config())
-
-    for f in ("steps", "prompts_per_step", "samples_per_prompt", "updates_per_rollout", "micro_batches"):
-        need(int(c[f]) >= 1, f, "must be a positive integer")
-    for f in ("max_new_tokens", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-        need(int(c[f]) >= 1, f, "must be a positive integer")
-    rows = c.prompts_per_step * c.samples_per_prompt
-    per_update = c.updates_per_rollout * c.micro_batches
-    need(rows % per_update == 0, "updates_per_rollout", f"x micro_batches must divide the {rows} rollout rows")
-    need(c.samples_per_prompt >= 2, "samples_per_prompt", "group-relative advantages need >= 2 samples per prompt")
-    need(c.loss in losses.LOSSES, "loss", f"must be one of {sorted(losses.LOSSES)}")
-    need(c.aggregation in ("", "token_mean", "seq_mean"), "aggregation", "must be '', 'token_mean' or 'seq_mean'")
-    need(c.advantage in advantages.ESTIMATORS, "advantage", f"must be one of {sorted(advantages.ESTIMATORS)}")
-    need(c.zero_variance in ("drop", "keep"), "zero_variance", "must be 'drop' or 'keep'")
-    need(c.old_logp in OLD_LOGP, "old_logp", f"must be one of {OLD_LOGP}")
+    need = checker(c, base_config(), RENAMED)
+    check_shared(c, need)
+    r = c.rl
+    for f in ("prompts_per_step", "samples_per_prompt", "updates_per_rollout", "sampling.max_new_tokens"):
+        need(int(field(r, f)) >= 1, f"rl.{f}", "must be a positive integer")
+    rows = r.prompts_per_step * r.samples_per_prompt
+    per_update = r.updates_per_rollout * c.micro_batches
+    need(rows % per_update == 0, "rl.updates_per_rollout", f"x micro_batches must divide the {rows} rollout rows")
+    need(r.samples_per_prompt >= 2, "rl.samples_per_prompt", "group-relative advantages need >= 2 samples per prompt")
+    need(r.loss in losses.LOSSES, "rl.loss", f"must be one of {sorted(losses.LOSSES)}")
+    try:
+        losses.knobs(r.loss, **r[r.loss])
+    except ValueError as e:
+        raise ValueError(f"config.rl.{r.loss}: {e}") from None
+    need(r.advantage in advantages.ESTIMATORS, "rl.advantage", f"must be one of {sorted(advantages.ESTIMATORS)}")
+    need(r.zero_variance in ("drop", "keep"), "rl.zero_variance", "must be 'drop' or 'keep'")
+    need(r.old_logp in OLD_LOGP, "rl.old_logp", f"must be one of {OLD_LOGP}")
+    s = r.sampling
     need(
-        c.old_logp == "trainer" or (c.top_p == 1 and c.top_k == 0),
-        "old_logp",
+        r.old_logp == "trainer" or (s.top_p == 1 and s.top_k == 0),
+        "rl.old_logp",
         "'sampler' log-probs are of the top-p / top-k truncated distribution, not pi_old: use 'trainer'",
     )
-    need(c.learning_rate > 0, "learning_rate", "must be positive")
-    need(c.eps > 0, "eps", "must be positive")
-    need(c.temperature > 0, "temperature", "must be positive")
-    need(0 < c.top_p <= 1, "top_p", "must lie in (0, 1]")
-    need(c.kl_coef >= 0, "kl_coef", "must be >= 0")
-    need(c.data.source in SOURCES, "data", f"data.source must be one of {SOURCES}")
-    if c.loss == "cispo":
-        need(c.cispo.ratio_max > max(c.cispo.ratio_min, 0.0), "cispo", "ratio_max must exceed ratio_min")
-    unknown = sorted(set(reward_weights(c.reward)) - set(rewards.available()))
-    need(not unknown, "reward", f"unknown reward(s) {unknown}; available: {', '.join(rewards.available())}")
-    pre = pretrain_base()
-    pre.model = c.model
-    model_config(pre)  # unknown model fields / presets fail here (with init_from, too: a typo is no less one)
+    need(s.temperature > 0, "rl.sampling.temperature", "must be positive")
+    need(0 < s.top_p <= 1, "rl.sampling.top_p", "must lie in (0, 1]")
+    need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
+    need(c.data.source in SOURCES, "data.source", f"must be one of {SOURCES}")
+    unknown = sorted(set(reward_weights(r.reward)) - set(rewards.available()))
+    need(not unknown, "rl.reward", f"unknown reward(s) {unknown}; available: {', '.join(rewards.available())}")
+    model_config(c.model)  # unknown model fields / presets fail here (with init_from, too: a typo is no less one)

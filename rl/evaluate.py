@@ -54,20 +54,21 @@ def evaluate(cfg, params, tokenizer, c, reward_fn, per_prompt: dict | None = Non
     see the same prompts; `per_prompt`, if given, receives the per-prompt values."""
     split = "test" if c.data.source == "tasks" else "eval"
     pairs = prompt_lib.batch(
-        c.data.source, c.data.seed, -1, c.eval_prompts, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split
+        c.data.source, c.data.seed, -1, c.eval.prompts, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split
     )
-    sp = SamplingParams(c.max_new_tokens, greedy=True, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    s = c.rl.sampling
+    sp = SamplingParams(s.max_new_tokens, greedy=True, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
     r = sample(cfg, params, [tokenizer.encode(p, bos=True) for p, _ in pairs], sp, jax.random.PRNGKey(0))
     texts = decode_responses(tokenizer, r, tokenizer.eos_id)
     refs = [ref for _, ref in pairs]
     vals = {"eval_reward": np.asarray(reward_fn(texts, refs)), "eval_accuracy": exact(c, texts, refs).astype(float)}
-    if c.eval_samples > 0:  # the sampling policy RL optimises: accuracy averaged over k samples per prompt
-        sp = dataclasses.replace(sp, greedy=False, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
-        prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(c.eval_samples)]
+    if c.eval.samples > 0:  # the sampling policy RL optimises: accuracy averaged over k samples per prompt
+        sp = dataclasses.replace(sp, greedy=False, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(c.eval.samples)]
         r = sample(cfg, params, prompts, sp, jax.random.PRNGKey(1))
-        k_refs = [ref for ref in refs for _ in range(c.eval_samples)]
+        k_refs = [ref for ref in refs for _ in range(c.eval.samples)]
         hits = exact(c, decode_responses(tokenizer, r, tokenizer.eos_id), k_refs).astype(float)
-        vals["eval_sampled_accuracy"] = hits.reshape(len(pairs), c.eval_samples).mean(axis=1)
+        vals["eval_sampled_accuracy"] = hits.reshape(len(pairs), c.eval.samples).mean(axis=1)
     if per_prompt is not None:
         per_prompt.update(vals)
     out = {k: float(np.mean(v)) for k, v in vals.items()}

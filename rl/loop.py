@@ -10,7 +10,6 @@ command on the same workdir resumes; SIGTERM / SIGINT save and return.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -28,8 +27,7 @@ from m1jax.mesh import batch_parallel
 from m1jax.model import abstract_params
 from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
-from m1jax.train.config import base_config as pretrain_base
-from m1jax.train.config import model_config
+from m1jax.train.config import load_stored, model_config
 from m1jax.train.run import Run
 from rl import advantages as adv_lib
 from rl import prompts as prompt_lib
@@ -47,34 +45,21 @@ def load_pretrained(workdir: str, mesh):
     the parameters of its newest readable checkpoint (nothing else is read), placed on `mesh`."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise ValueError(f"config.init_from={workdir!r}: no config.json there (not a pretraining workdir?)")
+        raise ValueError(f"config.rl.init_from={workdir!r}: no config.json there (not a pretraining workdir?)")
     try:
-        with open(path) as fh:
-            stored = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"config.init_from: {path} is unreadable ({e})") from None
-    pc = pretrain_base()
-    pc.update_from_flattened_dict(_flatten(stored))
-    cfg = model_config(pc)
+        pc = load_stored(path)  # a config.json of the flat layout (older workdirs) is upgraded
+    except ValueError as e:
+        raise ValueError(f"config.rl.init_from: {e}") from None
+    cfg = model_config(pc.model)
     shapes = nn.unbox(abstract_params(cfg))
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shd.param_shardings(cfg, mesh)
     )
     found = Checkpointer(os.path.join(workdir, "checkpoints")).restore_params(target)
     if found is None:
-        raise ValueError(f"config.init_from={workdir!r}: no checkpoint in {workdir}/checkpoints")
+        raise ValueError(f"config.rl.init_from={workdir!r}: no checkpoint in {workdir}/checkpoints")
     log.info(f"initialised from {workdir} step {found[0]}")
     return pc, cfg, found[1]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
 
 
 def _tokenizer(c):
@@ -88,50 +73,48 @@ class Setup(NamedTuple):
 
     cfg: ModelConfig  # the policy's model, with the fp32 LM head (M1's RL recipe)
     tokenizer: object
-    init_params: object | None  # pretrained parameters (config.init_from), or None: random init
+    init_params: object | None  # pretrained parameters (config.rl.init_from), or None: random init
     reward_fn: object
     sampling: SamplingParams
 
 
 def setup(c: ml_collections.ConfigDict, mesh) -> Setup:
     tokenizer = _tokenizer(c)
-    if c.init_from:
-        pc, cfg, init_params = load_pretrained(c.init_from, mesh)
+    if c.rl.init_from:
+        pc, cfg, init_params = load_pretrained(c.rl.init_from, mesh)
         if not c.data.source.startswith("toy_"):
             tokenizer = load_tokenizer(pc.data.tokenizer)
     else:
-        pc = pretrain_base()
-        pc.model = c.model
-        cfg, init_params = model_config(pc), None
+        cfg, init_params = model_config(c.model), None
     cfg = dataclasses.replace(cfg, lm_head_fp32=True)  # M1: fp32 LM head for RL log-probs
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's ({tokenizer.vocab_size})")
+    s = c.rl.sampling
     sp = SamplingParams(
-        c.max_new_tokens,
-        temperature=c.temperature,
-        top_p=c.top_p,
-        top_k=c.top_k,
+        s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
         stop_tokens=(tokenizer.eos_id,),
         pad_id=tokenizer.pad_id,
-        confident_run=c.confident_run,
-        confident_prob=c.confident_prob,
+        confident_run=s.confident_run,
+        confident_prob=s.confident_prob,
     )
-    return Setup(cfg, tokenizer, init_params, reward_lib.combine(reward_weights(c.reward)), sp)
+    return Setup(cfg, tokenizer, init_params, reward_lib.combine(reward_weights(c.rl.reward)), sp)
 
 
 def make_trainer(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh):
-    """(RLTrainer for `c.loss`, its AdamW) with a constant learning rate after warmup."""
-    lr_fn = optim.schedule("constant", c.learning_rate, c.steps * c.updates_per_rollout, c.warmup_steps)
-    tx = optim.adamw(lr_fn, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    """(RLTrainer for `c.rl.loss`, its AdamW); the schedule counts optimizer updates."""
+    lr_fn, tx = optim.from_config(c.optim, c.steps * c.rl.updates_per_rollout)
     trainer = RLTrainer(
         cfg,
         tx,
         mesh,
-        loss=c.loss,
+        loss=c.rl.loss,
         loss_kw=loss_kwargs(c),
-        temperature=c.temperature,
-        kl_coef=c.kl_coef,
-        aux=c.aux_loss,
+        temperature=c.rl.sampling.temperature,
+        kl_coef=c.rl.kl_coef,
+        aux=c.rl.aux_loss,
         micro_batches=c.micro_batches,
         lr_fn=lr_fn,
     )
@@ -156,17 +139,18 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     a larger `c.steps` extends it.
     """
     validate(c)
-    run = Run(c, workdir, desc=f"rl:{c.loss}", progress=progress)
+    run = Run(c, workdir, desc=f"rl:{c.rl.loss}", progress=progress)
     if (done := run.finished()) is not None:  # nothing built, restored or written
         return dict(done, workdir=workdir, start_step=done["end_step"], stopped_by=None, complete=True)
     mesh = shd.mesh_from_config(dict(c.mesh))
     parts = setup(c, mesh)
     cfg, tokenizer, reward_fn, sp = parts.cfg, parts.tokenizer, parts.reward_fn, parts.sampling
     dp = batch_parallel(mesh.shape)
-    rows = c.prompts_per_step * c.samples_per_prompt // (c.updates_per_rollout * c.micro_batches)
+    r = c.rl
+    rows = r.prompts_per_step * r.samples_per_prompt // (r.updates_per_rollout * c.micro_batches)
     if rows % dp:
         raise ValueError(
-            f"config.prompts_per_step x samples_per_prompt / (updates_per_rollout x micro_batches) = {rows} rows "
+            f"config.rl.prompts_per_step x samples_per_prompt / (updates_per_rollout x micro_batches) = {rows} rows "
             f"per micro-batch is not divisible by the {dp} batch-parallel devices of mesh {dict(mesh.shape)}"
         )
     trainer, tx = make_trainer(c, cfg, mesh)
@@ -184,9 +168,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step)
         state = row.pop("state")
         step += 1
-        if step % c.log_every == 0 or step == c.steps:
+        if step % c.log.every == 0 or step == c.steps:
             run.writer.write(step, row)
-        if step % c.eval_every == 0 or step == c.steps:
+        if step % c.eval.every == 0 or step == c.steps:
             last_eval[step] = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp)
             run.writer.write(step, last_eval[step])
         if run.bar is not None:
@@ -211,9 +195,10 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
 def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_params, step: int) -> dict:
     """Roll out, score, and update; returns the metrics row with the new state under "state"."""
     t0 = time.perf_counter()
-    g = c.samples_per_prompt
+    r = c.rl
+    g = r.samples_per_prompt
     pairs = prompt_lib.batch(
-        c.data.source, c.data.seed, step, c.prompts_per_step, tasks=c.data.tasks, toy_length=c.data.toy_length
+        c.data.source, c.data.seed, step, r.prompts_per_step, tasks=c.data.tasks, toy_length=c.data.toy_length
     )
     prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(g)]
     refs = [ref for _, ref in pairs for _ in range(g)]
@@ -222,27 +207,27 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     t_gen = time.perf_counter()
     texts = decode_responses(tokenizer, rollout, tokenizer.eos_id)
     rewards = np.asarray(reward_fn(texts, refs), np.float64).reshape(-1, g)
-    adv = adv_lib.compute(rewards, c.advantage, c.zero_variance)
+    adv = adv_lib.compute(rewards, r.advantage, r.zero_variance)
 
     arrays = {k: np.asarray(getattr(rollout, k)) for k in ("prompt", "prompt_lengths", "tokens", "mask")}
     dev = trainer.shard_rows(arrays)
     trainer_logp = np.asarray(trainer.logprobs(state["params"], dev))
     sampler_logp = np.asarray(rollout.logprobs)
     on = arrays["mask"] > 0
-    arrays["old_logp"] = trainer_logp if c.old_logp == "trainer" else sampler_logp
+    arrays["old_logp"] = trainer_logp if r.old_logp == "trainer" else sampler_logp
     arrays["ref_logp"] = np.asarray(trainer.logprobs(ref_params, dev))
     arrays["advantages"] = adv.advantages.reshape(-1)
     weight = adv.weight.reshape(-1)
-    if c.mask_truncated:  # DAPO overlong filtering: truncated responses carry no gradient
+    if r.mask_truncated:  # DAPO overlong filtering: truncated responses carry no gradient
         weight = weight * (np.asarray(rollout.finish) != FINISH_LENGTH)
     arrays["mask"] = arrays["mask"] * weight[:, None]
 
     lr = float(trainer.lr_fn(int(jax.device_get(state["step"]))))  # of this step's first update
     rows = arrays["mask"].shape[0]
     order = np.random.default_rng([c.seed, step]).permutation(rows)
-    per = rows // c.updates_per_rollout
+    per = rows // r.updates_per_rollout
     update_metrics = []
-    for u in range(c.updates_per_rollout):
+    for u in range(r.updates_per_rollout):
         idx = order[u * per : (u + 1) * per]
         state, m = trainer.update(state, trainer.shard_rows({k: v[idx] for k, v in arrays.items()}))
         update_metrics.append(m)
@@ -273,7 +258,7 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     for k in ("loss", "pg_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "grad_norm", "aux_loss"):
         if k in ms[0]:
             row[k] = mean(k)  # token-weighted over this step's updates
-    row["empty_updates"] = c.updates_per_rollout - int(np.sum(w > 0))
+    row["empty_updates"] = r.updates_per_rollout - int(np.sum(w > 0))
     row["ratio_max"] = float(max(m["ratio_max"] for m in ms))
     row["ratio_min"] = float(min(m["ratio_min"] for m in ms))
     row["state"] = state

@@ -11,24 +11,48 @@ and returns (loss, metrics), loss minimised. Aggregation:
 Pass the *global* count as `denom` when a batch is split into micro-batches or data shards, so the
 pieces add up to exactly the full-batch loss. An optional k3 KL to a reference policy (`ref_logp`)
 is added with `kl_coef` (0 by default, as in M1) and always reported as a metric.
+
+A loss is one function `fn(logp, old_logp, advantages, mask, knobs, *, denom, ref_logp, kl_coef)`
+registered with its knobs, a frozen dataclass whose defaults are the loss's defaults: the RL
+config's `rl.<name>` section is built from it, and the registered function takes the knobs as
+keyword arguments (`cispo(logp, old, adv, mask, ratio_max=3.0)`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 _F32 = jnp.float32
+AGGREGATIONS = ("token_mean", "seq_mean")
 LossFn = Callable[..., tuple[jax.Array, dict]]
-LOSSES: dict[str, LossFn] = {}
 
 
-def register(name: str):
-    def deco(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
-        return fn
+class Loss(NamedTuple):
+    fn: LossFn  # takes the knobs as keyword arguments
+    knobs: type  # frozen dataclass: the knobs and their defaults
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register(name: str, knobs: type):
+    """Register `fn(logp, old_logp, advantages, mask, knobs, *, denom, ref_logp, kl_coef)` under
+    `name`; returns it taking the knobs as keyword arguments (unknown ones are a TypeError)."""
+
+    def deco(fn) -> LossFn:
+        @functools.wraps(fn)
+        def loss(logp, old_logp, advantages, mask, *, denom=None, ref_logp=None, kl_coef: float = 0.0, **kw):
+            k = knobs(**kw)
+            return fn(logp, old_logp, advantages, mask, k, denom=denom, ref_logp=ref_logp, kl_coef=kl_coef)
+
+        LOSSES[name] = Loss(loss, knobs)
+        return loss
 
     return deco
 
@@ -36,7 +60,58 @@ def register(name: str):
 def get(name: str) -> LossFn:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; available: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
+    return LOSSES[name].fn
+
+
+def knobs(name: str, **values):
+    """The knobs of loss `name` (its defaults, changed by `values`); ValueError for a bad one."""
+    get(name)
+    return LOSSES[name].knobs(**values)
+
+
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; use 'token_mean' or 'seq_mean'")
+
+
+@dataclasses.dataclass(frozen=True)
+class CispoKnobs:
+    ratio_max: float = 5.0  # absolute upper bound of the IS weight (M1: eps_high)
+    ratio_min: float = 0.0  # absolute lower bound; 0: none (M1 used none)
+    mask_ratio_max: float = 0.0  # eq. 7's token mask (absolute); 0: off
+    mask_ratio_min: float = 0.0
+    aggregation: str = "token_mean"
+
+    def __post_init__(self):
+        _check_aggregation(self.aggregation)
+        if not self.ratio_max > max(self.ratio_min or 0.0, 0.0):
+            raise ValueError(f"ratio_max={self.ratio_max} must exceed ratio_min={self.ratio_min} and 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipKnobs:
+    """PPO-style absolute ratio bounds [clip_low, clip_high] around 1."""
+
+    clip_low: float = 0.8
+    clip_high: float = 1.2
+    aggregation: str = "seq_mean"
+
+    def __post_init__(self):
+        _check_aggregation(self.aggregation)
+        if not 0 <= self.clip_low <= 1 <= self.clip_high:
+            raise ValueError(f"need 0 <= clip_low <= 1 <= clip_high, got [{self.clip_low}, {self.clip_high}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DapoKnobs(ClipKnobs):
+    clip_high: float = 1.28  # clip-higher
+    aggregation: str = "token_mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class GspoKnobs(ClipKnobs):
+    clip_low: float = 1.0 - 3e-4  # sequence ratios stay near 1: the paper's bounds
+    clip_high: float = 1.0 + 4e-4
 
 
 def aggregate(per_token, mask, aggregation: str = "token_mean", denom=None):
@@ -50,7 +125,7 @@ def aggregate(per_token, mask, aggregation: str = "token_mean", denom=None):
         seq = jnp.sum(per_token, axis=-1) / jnp.maximum(lengths, 1e-8)
         d = jnp.sum(lengths > 0) if denom is None else denom
         return jnp.sum(seq) / jnp.maximum(d, 1e-8)
-    raise ValueError(f"unknown aggregation {aggregation!r}; use 'token_mean' or 'seq_mean'")
+    _check_aggregation(aggregation)
 
 
 def k3_kl(logp, ref_logp):
@@ -59,7 +134,8 @@ def k3_kl(logp, ref_logp):
     return jnp.exp(d) - d - 1.0
 
 
-def _prep(logp, old_logp, advantages, mask):
+def prepare(logp, old_logp, advantages, mask):
+    """fp32 inputs, advantages broadcast to [B, T], everything outside the mask zeroed."""
     logp, old_logp, mask = logp.astype(_F32), old_logp.astype(_F32), mask.astype(_F32)
     adv = jnp.asarray(advantages, _F32)
     adv = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp.shape)
@@ -82,7 +158,9 @@ def _masked_stats(x, mask) -> dict:
     }
 
 
-def _finish(per_token, logp, ratio, clipped, mask, aggregation, denom, ref_logp, kl_coef, extra=None):
+def finish(per_token, logp, ratio, clipped, mask, aggregation, denom, ref_logp, kl_coef, extra=None):
+    """(loss, metrics) from per-token losses [B, T]: aggregated, plus the KL term, with the
+    ratio / clip metrics every loss reports."""
     loss = aggregate(per_token, mask, aggregation, denom)
     n = jnp.maximum(jnp.sum(mask), 1.0)
     st = _masked_stats(ratio, mask)
@@ -105,41 +183,27 @@ def _finish(per_token, logp, ratio, clipped, mask, aggregation, denom, ref_logp,
     return loss, metrics
 
 
-@register("cispo")
-def cispo(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    *,
-    ratio_max: float = 5.0,
-    ratio_min: float | None = None,
-    mask_ratio_max: float | None = None,
-    mask_ratio_min: float | None = None,
-    aggregation: str = "token_mean",
-    denom=None,
-    ref_logp=None,
-    kl_coef: float = 0.0,
-):
+@register("cispo", CispoKnobs)
+def cispo(logp, old_logp, advantages, mask, k: CispoKnobs, *, denom, ref_logp, kl_coef):
     """CISPO (M1 eq. 4-5): -sg(clip(r, ratio_min, ratio_max)) * A * logp, every token keeps a gradient.
 
-    ratio_max / ratio_min are absolute bounds on r = pi/pi_old (M1 used no lower bound: None). The
-    unified mask of eq. 7 is off unless `mask_ratio_max` / `mask_ratio_min` are given (absolute): a
+    ratio_max / ratio_min are absolute bounds on r = pi/pi_old (M1 used no lower bound: 0). The
+    unified mask of eq. 7 is off unless `mask_ratio_max` / `mask_ratio_min` are set (absolute): a
     token is then dropped when A > 0 and r > mask_ratio_max, or A < 0 and r < mask_ratio_min.
     """
-    logp, old_logp, adv, mask = _prep(logp, old_logp, advantages, mask)
+    logp, old_logp, adv, mask = prepare(logp, old_logp, advantages, mask)
     ratio = jnp.exp(logp - old_logp)
-    lo = 0.0 if ratio_min is None else ratio_min
-    weight = jax.lax.stop_gradient(jnp.clip(ratio, lo, ratio_max))
-    clipped = ((ratio > ratio_max) | (ratio < lo)).astype(_F32)
-    if mask_ratio_max is not None or mask_ratio_min is not None:
-        hi_m = jnp.inf if mask_ratio_max is None else mask_ratio_max
-        lo_m = -jnp.inf if mask_ratio_min is None else mask_ratio_min
+    lo = k.ratio_min or 0.0
+    weight = jax.lax.stop_gradient(jnp.clip(ratio, lo, k.ratio_max))
+    clipped = ((ratio > k.ratio_max) | (ratio < lo)).astype(_F32)
+    if k.mask_ratio_max or k.mask_ratio_min:
+        hi_m = k.mask_ratio_max or jnp.inf
+        lo_m = k.mask_ratio_min or -jnp.inf
         ratio_c = jax.lax.stop_gradient(ratio)
         drop = ((adv > 0) & (ratio_c > hi_m)) | ((adv < 0) & (ratio_c < lo_m))
         weight = weight * (1.0 - drop.astype(_F32))  # the token still counts in |o_i| and the metrics
     per_token = -weight * adv * logp
-    return _finish(per_token, logp, ratio, clipped, mask, aggregation, denom, ref_logp, kl_coef)
+    return finish(per_token, logp, ratio, clipped, mask, k.aggregation, denom, ref_logp, kl_coef)
 
 
 def _ppo_clip(ratio, adv, low, high):
@@ -148,78 +212,35 @@ def _ppo_clip(ratio, adv, low, high):
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(_F32)
 
 
-@register("grpo")
-def grpo(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    *,
-    clip_low: float = 0.8,
-    clip_high: float = 1.2,
-    aggregation: str = "seq_mean",
-    denom=None,
-    ref_logp=None,
-    kl_coef: float = 0.0,
-):
+def _token_ppo(logp, old_logp, advantages, mask, k: ClipKnobs, *, denom, ref_logp, kl_coef):
+    logp, old_logp, adv, mask = prepare(logp, old_logp, advantages, mask)
+    ratio = jnp.exp(logp - old_logp)
+    per_token, clipped = _ppo_clip(ratio, adv, k.clip_low, k.clip_high)
+    return finish(per_token, logp, ratio, clipped, mask, k.aggregation, denom, ref_logp, kl_coef)
+
+
+@register("grpo", ClipKnobs)
+def grpo(logp, old_logp, advantages, mask, k: ClipKnobs, *, denom, ref_logp, kl_coef):
     """GRPO: PPO clipped surrogate per token, ratio clipped to [clip_low, clip_high] (absolute),
     per-sequence mean by default."""
-    logp, old_logp, adv, mask = _prep(logp, old_logp, advantages, mask)
-    ratio = jnp.exp(logp - old_logp)
-    per_token, clipped = _ppo_clip(ratio, adv, clip_low, clip_high)
-    return _finish(per_token, logp, ratio, clipped, mask, aggregation, denom, ref_logp, kl_coef)
+    return _token_ppo(logp, old_logp, advantages, mask, k, denom=denom, ref_logp=ref_logp, kl_coef=kl_coef)
 
 
-@register("dapo")
-def dapo(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    *,
-    clip_low: float = 0.8,
-    clip_high: float = 1.28,
-    aggregation: str = "token_mean",
-    denom=None,
-    ref_logp=None,
-    kl_coef: float = 0.0,
-):
+@register("dapo", DapoKnobs)
+def dapo(logp, old_logp, advantages, mask, k: DapoKnobs, *, denom, ref_logp, kl_coef):
     """DAPO: the PPO surrogate with clip-higher ([0.8, 1.28] absolute) and a global token mean.
     Dynamic sampling (dropping zero-variance groups) lives in `rl.advantages`."""
-    return grpo(
-        logp,
-        old_logp,
-        advantages,
-        mask,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        aggregation=aggregation,
-        denom=denom,
-        ref_logp=ref_logp,
-        kl_coef=kl_coef,
-    )
+    return _token_ppo(logp, old_logp, advantages, mask, k, denom=denom, ref_logp=ref_logp, kl_coef=kl_coef)
 
 
-@register("gspo")
-def gspo(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    *,
-    clip_low: float = 1.0 - 3e-4,
-    clip_high: float = 1.0 + 4e-4,
-    aggregation: str = "seq_mean",
-    denom=None,
-    ref_logp=None,
-    kl_coef: float = 0.0,
-):
+@register("gspo", GspoKnobs)
+def gspo(logp, old_logp, advantages, mask, k: GspoKnobs, *, denom, ref_logp, kl_coef):
     """GSPO: one ratio per sequence, s_i = exp(mean_t (logp - old_logp)) over its tokens, in the PPO
     surrogate (the sequence's advantage is its first token's). Token form: every token carries the
     sequence's value, so "seq_mean" aggregation gives the paper's per-sequence objective."""
-    logp, old_logp, adv, mask = _prep(logp, old_logp, advantages, mask)
+    logp, old_logp, adv, mask = prepare(logp, old_logp, advantages, mask)
     lengths = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
     log_s = jnp.sum((logp - old_logp) * mask, axis=-1, keepdims=True) / lengths
     seq_ratio = jnp.broadcast_to(jnp.exp(log_s), logp.shape)
-    per_token, clipped = _ppo_clip(seq_ratio, adv, clip_low, clip_high)
-    return _finish(per_token, logp, seq_ratio, clipped, mask, aggregation, denom, ref_logp, kl_coef)
+    per_token, clipped = _ppo_clip(seq_ratio, adv, k.clip_low, k.clip_high)
+    return finish(per_token, logp, seq_ratio, clipped, mask, k.aggregation, denom, ref_logp, kl_coef)

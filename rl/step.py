@@ -11,7 +11,6 @@ it is split into micro-batches, so accumulation and data parallelism leave it un
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ def _combine_metrics(ms: dict, weights) -> dict:
 def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature, kl_coef, aux, micro, state, mb):
     """One optimizer update on minibatch `mb` (accumulated over `micro` micro-batches)."""
     loss_fn = losses.get(loss_name)
-    agg = loss_kw.get("aggregation", _default_aggregation(loss_fn))
+    agg = losses.knobs(loss_name, **loss_kw).aggregation
     mask = mb["mask"]
     denom = jnp.sum(mask) if agg == "token_mean" else jnp.sum(jnp.sum(mask, -1) > 0).astype(_F32)
 
@@ -88,10 +87,6 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
         "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
     return new_state, dict(metrics, grad_norm=grad_norm, finite=finite, applied=ok)
-
-
-def _default_aggregation(fn) -> str:
-    return inspect.signature(fn).parameters["aggregation"].default
 
 
 def rollout_logprobs(cfg: ModelConfig, temperature, params, rollout: dict):

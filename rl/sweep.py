@@ -2,7 +2,7 @@
 
 `compare(c, losses, seeds)` runs `rl.loop.rl_step` (the very step `rl.loop.train` runs) for
 `c.steps` steps per (loss, seed), every run from the same initial policy for a given seed (the
-pretrained `c.init_from`, or `c.model` initialised from `PRNGKey(seed)`) on the same prompt stream
+pretrained `c.rl.init_from`, or `c.model` initialised from `PRNGKey(seed)`) on the same prompt stream
 (`c.data.seed`). Unlike one `train()` per run it compiles each loss's update once and reuses it for
 every seed, and it neither evaluates nor checkpoints: a sweep of small runs spends its time
 training, not compiling. With `c.seed = seed` a run's metric rows equal those `train(c, workdir)`
@@ -59,7 +59,7 @@ def compare(
     init_states: dict[int, dict] = {}  # seed -> host copy of the initial state (the same for every loss)
     for loss in losses:
         cl = c.copy_and_resolve_references()
-        cl.loss = loss
+        cl.rl.loss = loss
         validate(cl)
         trainer, tx = rl_loop.make_trainer(cl, cfg, mesh)
         if first is None:

@@ -27,9 +27,10 @@ def _trainer(mesh, tx=None, **model):
     c = tc.base_config()
     # hidden 48 and vocab 96 divide by every mesh axis used here (as in test_sharded_train).
     c.model.update(preset="tiny", vocab_size=96, num_local_experts=8, **model)
-    c.update(batch_size=8, seq_len=64, steps=10, warmup_steps=0, learning_rate=1e-4)
+    c.update(batch_size=8, seq_len=64, steps=10)
+    c.optim.update(warmup_steps=0, learning_rate=1e-4)
     cfg = tc.validate(c)
-    lr = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps)
+    lr = optim.schedule(c.optim.schedule, c.optim.learning_rate, c.steps, c.optim.warmup_steps)
     return Trainer(cfg, tx or optim.adamw(lr, grad_clip=1.0), lr, mesh)
 
 

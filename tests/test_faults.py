@@ -37,8 +37,8 @@ STEPS = 8
 OVERRIDES = {  # a seconds-per-run config (1 lightning + 1 softmax layer); checkpoints at steps 3, 6 and 8
     "model.preset": "tiny", "model.vocab_size": 264, "model.num_hidden_layers": 2, "model.attn_type_list": (0, 1),
     "steps": STEPS, "batch_size": 4, "seq_len": 64,
-    "warmup_steps": 2, "log_every": 1, "eval_every": 4, "checkpoint_every": 3, "num_samples": 2,
-    "max_new_tokens": 8, "data.num_train_docs": 2000, "data.num_eval_docs": 50,
+    "optim.warmup_steps": 2, "log.every": 1, "eval.every": 4, "checkpoint.every": 3, "eval.num_samples": 2,
+    "eval.max_new_tokens": 8, "data.num_train_docs": 2000, "data.num_eval_docs": 50,
 }  # fmt: skip
 
 
@@ -294,8 +294,8 @@ def test_final_stage_killed_before_its_summary_is_repeated_once(reference, tmp_p
     same_curve(run, reference)
 
 
-RL_OVERRIDES = {"steps": 2, "prompts_per_step": 4, "samples_per_prompt": 2, "updates_per_rollout": 1,
-                "eval_prompts": 4, "eval_samples": 0, "checkpoint_every": 2, "eval_every": 2}  # fmt: skip
+RL_OVERRIDES = {"steps": 2, "rl.prompts_per_step": 4, "rl.samples_per_prompt": 2, "rl.updates_per_rollout": 1,
+                "eval.prompts": 4, "eval.samples": 0, "checkpoint.every": 2, "eval.every": 2}  # fmt: skip
 
 
 def test_cli_rerun_of_a_finished_rl_run_says_complete(tmp_path):
@@ -322,12 +322,15 @@ def test_cli_rerun_of_a_finished_rl_run_says_complete(tmp_path):
 @pytest.mark.parametrize(
     ("module", "flag", "message"),
     [
-        ("experiments.pretrain", "--config.nonsense=1", "error: unknown field(s) 'nonsense' in config; it has: b1"),
+        ("experiments.pretrain", "--config.nonsense=1", "error: unknown field(s) 'nonsense' in config; it has: batch"),
         ("experiments.pretrain", "--config.model.bogus=3", "error: unknown field(s) 'bogus' in config.model"),
         ("experiments.pretrain", "--config.data.sourc=x", "'sourc' (did you mean 'source'?) in config.data"),
         ("experiments.pretrain", "--config=configs/nope.py", "error: --config=configs/nope.py: no such config file"),
-        ("experiments.cispo", "--config.reward=task,bogus", "error: config.reward='task,bogus': unknown reward(s)"),
-        ("experiments.cispo", "--config.cispo.ratio_maxx=2", "'ratio_maxx' (did you mean 'ratio_max'?)"),
+        ("experiments.cispo", "--config.rl.reward=task,bogus", "config.rl.reward='task,bogus': unknown reward(s)"),
+        ("experiments.cispo", "--config.rl.cispo.ratio_maxx=2", "'ratio_maxx' (did you mean 'ratio_max'?)"),
+        ("experiments.cispo", "--config.cispo.ratio_max=2", "config.cispo is now config.rl.cispo"),
+        ("experiments.cispo", "--config.temperature=2", "config.temperature is now config.rl.sampling.temperature"),
+        ("experiments.pretrain", "--config.learning_rate=1", "config.learning_rate is now config.optim.learning_rate"),
         ("experiments.pretrain", "--config.nonsense.deep=1", "error: --config.nonsense.deep=1: unknown field(s)"),
         ("experiments.pretrain", "--config.data.nonsens.x=1", "'nonsens' in config.data; it has: num_eval_docs"),
         ("experiments.pretrain", "--config.steps.x=1", "config.steps is a value, not a section with fields"),
@@ -345,7 +348,8 @@ def test_cli_config_errors_are_one_line(tmp_path, module, flag, message):
 
 
 def test_cli_nonfinite_run_is_one_error(tmp_path, compile_cache):
-    flags = ("--config.learning_rate=1e9", "--config.grad_clip=0", "--config.max_bad_steps=1", "--config.steps=30")
+    flags = ("--config.optim.learning_rate=1e9", "--config.optim.grad_clip=0", "--config.max_bad_steps=1")
+    flags += ("--config.steps=30",)
     proc = cli("experiments.pretrain", *cli_flags(tmp_path), *flags, cache=compile_cache)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "NaN or Inf found" not in proc.stderr, proc.stderr[-3000:]

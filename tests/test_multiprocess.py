@@ -38,12 +38,12 @@ FLAGS = [
     "--noprogress", "--config.model.preset=tiny", "--config.model.vocab_size=264",
     # 1 lightning + 1 softmax layer of the default's widths: both attention kinds, half the compile time
     "--config.model.num_hidden_layers=2", "--config.model.attn_type_list=(0, 1)",
-    f"--config.batch_size={BATCH}", f"--config.seq_len={SEQ}", "--config.log_every=1",
-    "--config.checkpoint_every=2", "--config.eval_every=100000", "--config.eval_batches=1",
+    f"--config.batch_size={BATCH}", f"--config.seq_len={SEQ}", "--config.log.every=1",
+    "--config.checkpoint.every=2", "--config.eval.every=100000", "--config.eval.batches=1",
     # constant after warmup: the schedule does not depend on config.steps, so a run extended from
     # 2 to 4 steps is the same run as one of 4 steps
-    "--config.warmup_steps=1", "--config.schedule=constant",
-    "--config.data.num_train_docs=200", "--config.data.num_eval_docs=20", "--config.max_new_tokens=4",
+    "--config.optim.warmup_steps=1", "--config.optim.schedule=constant",
+    "--config.data.num_train_docs=200", "--config.data.num_eval_docs=20", "--config.eval.max_new_tokens=4",
     "--config.mesh.data=-1",  # all 4 devices of both processes on the batch axis
 ]  # fmt: skip
 
@@ -189,11 +189,11 @@ def runs(tmp_path_factory, jax_cache):
     full, parts = base / "full", base / "parts"
     cache = jax_cache
     out = {"full": full, "parts": parts}
-    out["full_logs"] = _launch(full, 4, cache, "--config.num_samples=2")
-    out["part_logs"] = _launch(parts, 2, cache, "--config.num_samples=0")
+    out["full_logs"] = _launch(full, 4, cache, "--config.eval.num_samples=2")
+    out["part_logs"] = _launch(parts, 2, cache, "--config.eval.num_samples=0")
     out["part_metrics"] = read_metrics(parts)
     out["part_checkpoints"] = sorted(int(p) for p in os.listdir(parts / "checkpoints") if p.isdigit())
-    out["resumed_logs"] = _launch(parts, 4, cache, "--config.num_samples=0")
+    out["resumed_logs"] = _launch(parts, 4, cache, "--config.eval.num_samples=0")
     return out
 
 
@@ -251,7 +251,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, jax_cache)
     workdir = tmp_path / "stopped"
     metrics = workdir / "metrics.jsonl"
     # 10000 steps and no periodic checkpoint: the run only ends by the signal, whose save is the only one
-    extra = ("--config.num_samples=0", "--config.checkpoint_every=100000")
+    extra = ("--config.eval.num_samples=0", "--config.checkpoint.every=100000")
     started = exited = False
     with _pair(workdir, 10000, jax_cache, *extra) as (procs, outs):
         deadline = time.monotonic() + TIMEOUT_S

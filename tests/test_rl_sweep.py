@@ -48,14 +48,14 @@ def test_band_and_summarize():
 
 def test_compare_rows_equal_train_metrics(tmp_path):
     """Losses share the sampler, log-probs and initial states; each run is still exactly train()'s run."""
-    c = small_toy(steps=3)
+    c = small_toy({"steps": 3})
     runs = sweep.compare(c, ["cispo", "grpo"], [0, 1])
     assert set(runs) == {"cispo", "grpo"} and all(set(v) == {0, 1} for v in runs.values())
     assert [r["step"] for r in runs["grpo"][1]] == [1, 2, 3]
     assert runs["cispo"][0][0]["reward"] == runs["grpo"][0][0]["reward"]  # same initial policy, same prompts
     assert runs["cispo"][0][0]["reward"] != runs["cispo"][1][0]["reward"]  # another seed: another init
     # The second loss and seed: the shared log-probs and the cached initial state are used.
-    train(small_toy(steps=3, loss="grpo", seed=1), str(tmp_path), progress=False)
+    train(small_toy({"steps": 3, "rl.loss": "grpo", "seed": 1}), str(tmp_path), progress=False)
     with open(os.path.join(tmp_path, "metrics.jsonl")) as fh:
         ref = [r for r in map(json.loads, fh) if "loss" in r]
     assert len(ref) == 3
@@ -72,16 +72,18 @@ def test_compare_from_a_pretraining_workdir(tmp_path):
     from m1jax.train.loop import train as pretrain
     from rl.config import base_config
 
-    pretrain(quick_config(steps=2, checkpoint_every=2, num_samples=0), str(tmp_path / "pre"), progress=False)
+    pre = quick_config({"steps": 2, "checkpoint.every": 2, "eval.num_samples": 0})
+    pretrain(pre, str(tmp_path / "pre"), progress=False)
     c = base_config()
-    c.update(init_from=str(tmp_path / "pre"), steps=2, prompts_per_step=4, samples_per_prompt=4)
-    c.update(updates_per_rollout=2, max_new_tokens=8, learning_rate=1e-6)
+    c.steps, c.optim.learning_rate = 2, 1e-6
+    c.rl.update(init_from=str(tmp_path / "pre"), prompts_per_step=4, samples_per_prompt=4, updates_per_rollout=2)
+    c.rl.sampling.max_new_tokens = 8
     runs = sweep.compare(c, ["cispo", "dapo"], [0, 1])
     for loss in ("cispo", "dapo"):
         for seed in (0, 1):
             first = runs[loss][seed][0]
             assert first["kl"] < 1e-3 and first["logp_gap"] < 1e-4, (loss, seed, first)
     assert runs["cispo"][1][0]["reward"] == runs["dapo"][1][0]["reward"]  # same policy, same samples
-    c.init_from = str(tmp_path / "missing")
+    c.rl.init_from = str(tmp_path / "missing")
     with pytest.raises(ValueError, match="init_from"):
         sweep.compare(c, ["cispo"], [0])

@@ -44,15 +44,14 @@ def test_cispo_toy_learns_from_scratch(tmp_path):
     assert r["logp_gap"] <= 1e-4  # sampler and trainer agree (fp32)
 
 
-def small_toy(**kw):
+def small_toy(overrides: dict | None = None):
+    """The toy config at 6 steps of 8 x 4 samples; `overrides` by dotted name ({"rl.loss": "grpo"})."""
     c = toy_config()
-    c.steps, c.prompts_per_step, c.samples_per_prompt, c.eval_prompts = 6, 8, 4, 8
-    c.checkpoint_every = c.eval_every = 3
-    for k, v in kw.items():
-        if isinstance(v, dict):
-            c[k].update(v)
-        else:
-            c[k] = v
+    c.steps = 6
+    c.rl.update(prompts_per_step=8, samples_per_prompt=4)
+    c.eval.update(prompts=8, every=3)
+    c.checkpoint.every = 3
+    c.update_from_flattened_dict(overrides or {})
     return c
 
 
@@ -82,7 +81,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("loss", ["grpo", "dapo", "gspo"])
 def test_every_loss_runs_under_the_same_harness(tmp_path, loss):
-    c = small_toy(loss=loss, steps=2, micro_batches=2)
+    c = small_toy({"rl.loss": loss, "steps": 2, "micro_batches": 2})
     train(c, str(tmp_path), progress=False)
     r = rows(tmp_path, "loss")
     assert len(r) == 2 and all(np.isfinite(x["loss"]) and np.isfinite(x["grad_norm"]) for x in r)
@@ -97,25 +96,43 @@ def test_every_loss_runs_under_the_same_harness(tmp_path, loss):
         ("zero_variance", "skip", "zero_variance"),
         ("reward", "task:x", "not a number"),
         ("reward", "task,bogus", r"unknown reward\(s\) \['bogus'\]; available: code, format, math"),
-        ("cispo", {"ratio_maxx": 1.0}, r"'ratio_maxx' \(did you mean 'ratio_max'\?\) in config.cispo"),
+        ("cispo", {"ratio_maxx": 1.0}, r"'ratio_maxx' \(did you mean 'ratio_max'\?\) in config.rl.cispo"),
+        ("cispo", {"ratio_max": 0.5, "ratio_min": 0.8}, r"config.rl.cispo: ratio_max=0.5 must exceed ratio_min=0.8"),
+        ("grpo", {"aggregation": "mean"}, None),  # not the configured loss: not checked
     ],
 )
 def test_config_errors_name_the_field(field, value, match):
     c = base_config()
     if isinstance(value, dict):
-        with c.unlocked():
-            c[field].update(value)
+        with c.rl.unlocked():
+            c.rl[field].update(value)
     else:
-        c[field] = value
+        c.rl[field] = value
+    if match is None:
+        validate(c)
+        return
     with pytest.raises(ValueError, match=match):
+        validate(c)
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [("learning_rate", "optim.learning_rate"), ("max_new_tokens", "rl.sampling.max_new_tokens"),
+     ("cispo", "rl.cispo"), ("eval_prompts", "eval.prompts"), ("keep_checkpoints", "checkpoint.keep")],
+)  # fmt: skip
+def test_renamed_fields_name_their_new_place(old, new):
+    c = base_config()
+    with c.unlocked():
+        c[old] = 1
+    with pytest.raises(ValueError, match=rf"config\.{old} is now config\.{new}"):
         validate(c)
 
 
 def test_rl_step_runs_sharded_and_matches_one_device(tmp_path):
     """Same rollouts and updates on a 2x2x2 (data, fsdp, tensor) mesh of host devices."""
-    one = train(small_toy(steps=2), str(tmp_path / "one"), progress=False)
-    mesh = {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
-    eight = train(small_toy(steps=2, mesh=mesh), str(tmp_path / "eight"), progress=False)
+    one = train(small_toy({"steps": 2}), str(tmp_path / "one"), progress=False)
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.expert": 1, "mesh.tensor": 2}
+    eight = train(small_toy({"steps": 2} | mesh), str(tmp_path / "eight"), progress=False)
     assert len(eight["state"]["params"]["embed"].sharding.device_set) == 8
     for x, y in zip(rows(tmp_path / "one", "loss"), rows(tmp_path / "eight", "loss"), strict=True):
         np.testing.assert_allclose(y["reward"], x["reward"])
@@ -129,17 +146,18 @@ def test_init_from_a_pretraining_workdir_on_a_sharded_mesh(tmp_path):
 
     from m1jax.train.loop import train as pretrain
 
-    pre = pretrain(quick_config(steps=2, checkpoint_every=2), str(tmp_path / "pre"), progress=False)
+    pre = pretrain(quick_config({"steps": 2, "checkpoint.every": 2}), str(tmp_path / "pre"), progress=False)
     c = base_config()
-    c.update(init_from=str(tmp_path / "pre"), steps=1, prompts_per_step=4, samples_per_prompt=4)
-    c.update(updates_per_rollout=2, max_new_tokens=8, eval_prompts=4, learning_rate=1e-6)
+    c.steps, c.optim.learning_rate, c.eval.prompts = 1, 1e-6, 4
+    c.rl.update(init_from=str(tmp_path / "pre"), prompts_per_step=4, samples_per_prompt=4, updates_per_rollout=2)
+    c.rl.sampling.max_new_tokens = 8
     c.mesh.update(data=2, fsdp=2, tensor=2)
     out = train(c, str(tmp_path / "rl"), progress=False)
     assert out["end_step"] == 1 and out["initial"] is not None
     r = rows(tmp_path / "rl", "loss")[0]
     assert r["kl"] < 1e-3 and r["logp_gap"] < 1e-4  # the first update starts from the pretrained policy
     assert pre["end_step"] == 2
-    c.init_from = str(tmp_path / "missing")
+    c.rl.init_from = str(tmp_path / "missing")
     with pytest.raises(ValueError, match="init_from"):
         train(c, str(tmp_path / "rl2"), progress=False)
 
@@ -193,3 +211,39 @@ def test_paired_change_uses_per_prompt_differences():
     assert d["se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(5))
     assert d["z"] == pytest.approx(diff.mean() / d["se"])
     assert paired_change(before, before)["acc"] == {"delta": 0.0, "se": 0.0, "z": 0.0}
+
+
+def test_a_new_loss_is_one_function_and_its_knobs(tmp_path, monkeypatch):
+    """The README's recipe: register a loss with its knobs; the config section, validation and
+    the training run need nothing else."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from rl import losses
+
+    monkeypatch.setattr(losses, "LOSSES", dict(losses.LOSSES))
+
+    @dataclasses.dataclass(frozen=True)
+    class Knobs:
+        beta: float = 1.0
+        aggregation: str = "token_mean"
+
+    @losses.register("plain_is", Knobs)
+    def plain_is(logp, old_logp, advantages, mask, k, *, denom, ref_logp, kl_coef):
+        logp, old_logp, adv, mask = losses.prepare(logp, old_logp, advantages, mask)
+        ratio = jnp.exp(logp - old_logp)
+        per_token = -k.beta * jax.lax.stop_gradient(ratio) * adv * logp
+        return losses.finish(per_token, logp, ratio, jnp.zeros_like(ratio), mask, k.aggregation, denom, ref_logp,
+                              kl_coef)  # fmt: skip
+
+    assert dict(base_config().rl.plain_is) == {"beta": 1.0, "aggregation": "token_mean"}
+    c = small_toy({"steps": 2, "rl.loss": "plain_is"})
+    c.rl.plain_is.beta = 0.5
+    train(c, str(tmp_path), progress=False)
+    r = rows(tmp_path, "loss")
+    assert len(r) == 2 and all(np.isfinite(x["loss"]) for x in r)
+    c.rl.plain_is.gamma = 1.0
+    with pytest.raises(ValueError, match=r"'gamma' in config.rl.plain_is"):
+        validate(c)

@@ -29,9 +29,10 @@ def _step(mesh):
     c = tc.base_config()
     # hidden 48 and vocab 96 divide by every mesh axis above; 8 experts so expert=4 holds 2 each.
     c.model.update(preset="tiny", vocab_size=96, num_local_experts=8)
-    c.update(batch_size=8, seq_len=64, steps=10, warmup_steps=0, learning_rate=1e-4)
+    c.update(batch_size=8, seq_len=64, steps=10)
+    c.optim.update(warmup_steps=0, learning_rate=1e-4)
     cfg = tc.validate(c)
-    lr = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps)
+    lr = optim.schedule(c.optim.schedule, c.optim.learning_rate, c.steps, c.optim.warmup_steps)
     rng = np.random.default_rng(0)
     segs = np.sort(rng.integers(1, 4, (8, 64)), axis=1).astype(np.int32)
     batch = {"tokens": rng.integers(0, 96, (8, 64)).astype(np.int32), "segment_ids": segs}

@@ -29,14 +29,17 @@ from m1jax.train.step import Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def quick_config(**top):
-    """A seconds-per-run config: the tiny preset (3 lightning + 1 softmax) on the task corpus."""
+def quick_config(overrides: dict | None = None):
+    """A seconds-per-run config: the tiny preset (3 lightning + 1 softmax) on the task corpus;
+    `overrides` by dotted name ({"checkpoint.every": 2})."""
     c = tc.base_config()
     c.model.update(preset="tiny", vocab_size=264)
-    c.update(steps=12, batch_size=4, seq_len=64, warmup_steps=2, log_every=1, eval_every=6, checkpoint_every=4)
-    c.update(num_samples=2, max_new_tokens=8)
+    c.update(steps=12, batch_size=4, seq_len=64)
+    c.optim.warmup_steps = 2
+    c.log.every, c.checkpoint.every = 1, 4
+    c.eval.update(every=6, num_samples=2, max_new_tokens=8)
     c.data.update(num_train_docs=2000, num_eval_docs=50)
-    c.update(top)
+    c.update_from_flattened_dict(overrides or {})
     return c
 
 
@@ -47,8 +50,11 @@ def losses(workdir):
 def test_default_config_learns(tmp_path):
     """The embedded default (configs/pretrain_tiny.py, 7:1 hybrid MoE) loses well over 1 nat in 100 steps."""
     c = runpy.run_path(os.path.join(ROOT, "configs", "pretrain_tiny.py"))["get_config"]()
-    assert list(c.model.attn_type_list) == [0] * 7 + [1] and c.model.num_local_experts > 1
-    c.update(steps=100, batch_size=4, log_every=10, eval_every=50, checkpoint_every=50, num_samples=2)
+    cfg = tc.model_config(c.model)
+    assert list(cfg.attn_type_list) == [0] * 7 + [1] and cfg.num_local_experts > 1
+    c.update(steps=100, batch_size=4)
+    c.log.every, c.checkpoint.every = 10, 50
+    c.eval.update(every=50, num_samples=2)
     c.data.update(num_train_docs=5000, num_eval_docs=100)
     out = train(c, str(tmp_path), progress=False)
     curve = losses(tmp_path)
@@ -73,14 +79,14 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
-    train(quick_config(steps=8), str(tmp_path), progress=False)
+    train(quick_config({"steps": 8}), str(tmp_path), progress=False)
     ckpt_dir = tmp_path / "checkpoints"
     assert sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) == [4, 8]
     for root, _, files in os.walk(ckpt_dir / "8"):  # truncate every file of the latest checkpoint
         for f in files:
             open(os.path.join(root, f), "w").close()
     with caplog.at_level(logging.WARNING, logger="m1jax"):
-        out = train(quick_config(steps=10), str(tmp_path), progress=False)
+        out = train(quick_config({"steps": 10}), str(tmp_path), progress=False)
     assert out["start_step"] == 4
     assert any("step 8" in r.message and "falling back" in r.message for r in caplog.records)
 
@@ -89,8 +95,8 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
     args = [
         sys.executable, "-m", "experiments.pretrain", f"--workdir={tmp_path}", "--noprogress",
         "--config.model.preset=tiny", "--config.model.vocab_size=264",
-        "--config.steps=100000", "--config.batch_size=2", "--config.seq_len=32", "--config.log_every=1",
-        "--config.checkpoint_every=100000", "--config.eval_every=100000", "--config.warmup_steps=1",
+        "--config.steps=100000", "--config.batch_size=2", "--config.seq_len=32", "--config.log.every=1",
+        "--config.checkpoint.every=100000", "--config.eval.every=100000", "--config.optim.warmup_steps=1",
         "--config.data.num_train_docs=500", "--config.data.num_eval_docs=20",
     ]  # fmt: skip
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -110,8 +116,8 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
 
 def _trainer(c, micro_batches=1):
     cfg = tc.validate(c)
-    lr = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps)
-    tx = optim.adamw(lr, grad_clip=c.grad_clip)
+    lr = optim.schedule(c.optim.schedule, c.optim.learning_rate, c.steps, c.optim.warmup_steps)
+    tx = optim.adamw(lr, grad_clip=c.optim.grad_clip)
     mesh = shd.mesh_from_config({"data": 1}, jax.devices()[:1])
     return cfg, Trainer(cfg, tx, lr, mesh, micro_batches)
 
@@ -197,7 +203,7 @@ def test_checkpointer_without_checkpoints_returns_none(tmp_path):
     ],
 )
 def test_bad_config_is_a_clear_error(field, value, match):
-    c = quick_config(micro_batches=4)
+    c = quick_config({"micro_batches": 4})
     c[field] = value
     with pytest.raises(ValueError, match=match):
         tc.validate(c)
@@ -229,7 +235,7 @@ def test_schedules():
 
 
 def test_metrics_file_is_json_lines(tmp_path):
-    train(quick_config(steps=3, eval_every=3, checkpoint_every=3), str(tmp_path), progress=False)
+    train(quick_config({"steps": 3, "eval.every": 3, "checkpoint.every": 3}), str(tmp_path), progress=False)
     with open(tmp_path / "metrics.jsonl") as fh:
         rows = [json.loads(line) for line in fh]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
@@ -253,4 +259,4 @@ def test_chunked_loss_equals_full_loss():
     scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g0))
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=0, atol=1e-5 * scale), g1, g0)
     with pytest.raises(ValueError, match="loss_chunk"):
-        tc.validate(quick_config(loss_chunk=48))  # does not divide seq_len 64
+        tc.validate(quick_config({"loss_chunk": 48}))  # does not divide seq_len 64

@@ -76,22 +76,29 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def bench_forward(seq_len: int, reps: int) -> dict:
+def torch_twin(cfg, params):
+    """transformers' MiniMaxForCausalLM with the same weights (fp32; SDPA attention where it has it)."""
     import torch
     import transformers
     from transformers import MiniMaxForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = config.small(rotary_dim=64, dtype="float32", remat="none")
-    params = rescale(cfg, m1jax.init_params(cfg, jax.random.PRNGKey(0)))
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq_len), dtype=np.int32)
     with tempfile.TemporaryDirectory() as tmp:
         m1jax.hf.save_pretrained(cfg, params, tmp)
         try:
-            model = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+            return MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
         except (ValueError, ImportError):
-            model = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            return MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+
+
+def bench_forward(seq_len: int, reps: int) -> dict:
+    import torch
+
+    cfg = config.small(rotary_dim=64, dtype="float32", remat="none")
+    params = rescale(cfg, m1jax.init_params(cfg, jax.random.PRNGKey(0)))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq_len), dtype=np.int32)
+    model = torch_twin(cfg, params)
     model.eval()
 
     fwd = jax.jit(lambda p, t: M1Model(cfg).apply({"params": p}, t)[0])

@@ -30,16 +30,14 @@ of this machine (a 2048^3 `jnp.dot`, median of 5) and reports MFU against that (
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import m1jax
-from experiments.benchmarks.forward import env, rescale, timed, write_report
+from experiments.benchmarks.forward import env, rescale, timed, torch_twin, write_report
 from m1jax import config
 from m1jax import sharding as shd
 from m1jax.summary import param_counts
@@ -82,19 +80,8 @@ def jax_trainer(cfg, params, batch_rows: int, seq_len: int):
 
 def torch_trainer(cfg, params, tokens):
     import torch
-    import transformers
-    from transformers import MiniMaxForCausalLM
 
-    import m1jax.hf
-
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        m1jax.hf.save_pretrained(cfg, params, tmp)
-        try:
-            model = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
-        except (ValueError, ImportError):
-            model = MiniMaxForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    model = torch_twin(cfg, params)
     model.train()
     model.config.output_router_logits = True  # its load-balancing loss, as m1jax adds its aux loss
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]

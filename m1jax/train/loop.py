@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from m1jax import config as presets
 from m1jax import sharding as shd
 from m1jax.data.pipeline import Packer, load_corpus
 from m1jax.data.tokenizer import load_tokenizer
@@ -28,7 +29,7 @@ from m1jax.errors import RunError
 from m1jax.evals import heldout
 from m1jax.train import flops as flops_lib
 from m1jax.train import optim
-from m1jax.train.config import check_batch_layout, validate
+from m1jax.train.config import check_batch_layout, load_stored, model_config, validate
 from m1jax.train.metrics import last_value
 from m1jax.train.run import Run
 from m1jax.train.step import Trainer
@@ -73,7 +74,7 @@ def _load_corpora(c, tokenizer, workdir: str):
 def _eval_loss(trainer: Trainer, params, corpus, c) -> float:
     packer = _shard_packer(corpus, c, shuffle=False)  # the same rows every time
     total, count = 0.0, 0.0
-    for _ in range(c.eval_batches):
+    for _ in range(c.eval.batches):
         s, n = jax.device_get(trainer.eval(params, trainer.put_batch(packer.next_batch())))
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
@@ -81,19 +82,17 @@ def _eval_loss(trainer: Trainer, params, corpus, c) -> float:
 
 def samples(cfg, params, tokenizer, c) -> tuple[list[dict], float | None]:
     """Greedy completions of held-out prompts; accuracy for the embedded task corpus (else none)."""
-    if c.num_samples <= 0 or c.data.source != "tasks":  # only the task corpus has checkable answers
+    if c.eval.num_samples <= 0 or c.data.source != "tasks":  # only the task corpus has checkable answers
         return [], None
     return heldout.greedy_accuracy(
-        cfg, params, tokenizer, seed=c.data.seed + 1, tasks=tuple(c.data.tasks), n=c.num_samples,
-        max_new_tokens=c.max_new_tokens,
+        cfg, params, tokenizer, seed=c.data.seed + 1, tasks=tuple(c.data.tasks), n=c.eval.num_samples,
+        max_new_tokens=c.eval.max_new_tokens,
     )  # fmt: skip
 
 
 def make_optimizer(c: ml_collections.ConfigDict):
-    """(lr schedule, AdamW transformation) of a pretraining config."""
-    lr_fn = optim.schedule(c.schedule, c.learning_rate, c.steps, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
-    tx = optim.adamw(lr_fn, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
-    return lr_fn, tx
+    """(lr schedule, AdamW transformation) of a pretraining config: one update per step."""
+    return optim.from_config(c.optim, c.steps)
 
 
 def _complete(workdir: str, done: dict) -> dict:
@@ -104,6 +103,27 @@ def _complete(workdir: str, done: dict) -> dict:
             rows = [json.loads(line) for line in fh if line.strip()]
     start = done["end_step"]
     return dict(done, workdir=workdir, start_step=start, stopped_by=None, complete=True, samples=rows)
+
+
+def check_same_model(workdir: str, cfg) -> None:
+    """A resumed run must train the model its checkpoints hold: compare `cfg` with the model of the
+    workdir's config.json (upgraded from the flat layout), implementation fields aside."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        stored = model_config(load_stored(path).model)
+    except ValueError as e:
+        log.warning(f"{e}; not comparing its model with config.model")
+        return
+    skip = set(presets.IMPL_FIELDS)
+    differ = [f for f in stored.to_dict() if f not in skip and getattr(stored, f) != getattr(cfg, f)]
+    if differ:
+        shown = ", ".join(f"{f}={getattr(stored, f)!r} (config: {getattr(cfg, f)!r})" for f in differ[:4])
+        raise ValueError(
+            f"the checkpoints in {workdir} are of another model: config.model differs from {path} in {shown}; "
+            "set those fields (--config.model.<field>=...) or use a new workdir"
+        )
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
@@ -122,6 +142,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     if (done := run.finished()) is not None:
         return _complete(workdir, done)
 
+    if run.ckpt.steps():
+        check_same_model(workdir, cfg)
     mesh = shd.mesh_from_config(dict(c.mesh))
     check_batch_layout(c, dict(mesh.shape), jax.process_count())
     train_corpus, eval_corpus = _load_corpora(c, tokenizer, workdir)
@@ -134,7 +156,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         packer.restore(data)  # this process's entry; a different process count is an error
 
     fpt = flops_lib.train_flops_per_token(cfg, c.seq_len)
-    peak = flops_lib.peak_flops_per_device(override_tflops=c.peak_tflops)
+    peak = flops_lib.peak_flops_per_device(override_tflops=c.log.peak_tflops)
     tokens_per_step = c.batch_size * c.seq_len
     clock = {"t": time.perf_counter(), "steps": 0, "pending": None, "last_loss": None}
 
@@ -146,7 +168,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         if clock["pending"] is not None:
             check_finite(*clock["pending"], c.max_bad_steps)
         clock["pending"] = (step, metrics)
-        if step % c.log_every == 0 or step == c.steps:
+        if step % c.log.every == 0 or step == c.steps:
             m = jax.device_get(metrics)
             dt = time.perf_counter() - clock["t"]
             tps = clock["steps"] * tokens_per_step / dt
@@ -164,7 +186,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             if run.bar is not None:
                 run.bar.set_postfix(loss=f"{clock['last_loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             clock["t"], clock["steps"] = time.perf_counter(), 0
-        if step % c.eval_every == 0 or step == c.steps:
+        if step % c.eval.every == 0 or step == c.steps:
             run.writer.write(step, {"eval_loss": _eval_loss(trainer, state["params"], eval_corpus, c)})
         return state
 

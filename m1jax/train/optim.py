@@ -37,3 +37,10 @@ def adamw(lr, *, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0) -> 
     """Global-norm clipping (0 disables) then AdamW."""
     opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask)
     return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
+
+
+def from_config(o, steps: int):
+    """(lr schedule, AdamW) of a config's `optim` section for a run of `steps` optimizer updates."""
+    lr_fn = schedule(o.schedule, o.learning_rate, steps, o.warmup_steps, o.min_lr_ratio, o.decay_fraction)
+    tx = adamw(lr_fn, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+    return lr_fn, tx

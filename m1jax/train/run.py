@@ -74,12 +74,12 @@ def finished(workdir: str, checkpoints: list[int], steps: int) -> dict | None:
 
 
 class Run:
-    """One run of config `c` (fields steps, checkpoint_every, keep_checkpoints) in `workdir`."""
+    """One run of config `c` (fields steps, checkpoint.every, checkpoint.keep) in `workdir`."""
 
     def __init__(self, c, workdir: str, *, desc: str, progress: bool = True):
         self.c, self.workdir, self.desc, self.progress = c, workdir, desc, progress
         os.makedirs(workdir, exist_ok=True)
-        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep)
         self.primary = jax.process_index() == 0  # the one writer of the workdir's files
         self.writer: MetricWriter | None = None
         self.bar = None
@@ -127,7 +127,7 @@ class Run:
 
     def loop(self, state, start: int, body, data_state, *, stop_at: int | None = None, after=None):
         """Run `body(state, step) -> state` for the steps from `start` to `c.steps` (or `stop_at`, or a
-        stop signal), checkpointing every `checkpoint_every` steps and at the end with `data_state(step)`
+        stop signal), checkpointing every `checkpoint.every` steps and at the end with `data_state(step)`
         (a collective: every process calls it). `after()` runs once the steps are done. Returns
         (state, step); `stopped_by` says why it ended before `c.steps` (None if it did not)."""
         c, step = self.c, start
@@ -135,7 +135,7 @@ class Run:
             while step < min(c.steps, stop_at or c.steps) and stop_requested(flag) is None:
                 state = body(state, step)
                 step += 1
-                if step % c.checkpoint_every == 0 and step < c.steps:
+                if step % c.checkpoint.every == 0 and step < c.steps:
                     self.ckpt.save(step, state, data_state(step))
                 if self.bar is not None:
                     self.bar.update(1)
