@@ -14,12 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from m1jax import sharding as shd
 from m1jax.config import ModelConfig
-from m1jax.train.engine import Engine, accumulate, apply_if, split_micro
+from m1jax.train.engine import Engine, accumulate, apply_if, global_norm, split_micro
 from rl import losses
 from rl.sampler import entropy, sequence_logprobs
 
@@ -76,7 +75,7 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
         metrics = jax.tree.map(lambda m: m[0], ms)
     else:
         metrics = _combine_metrics(ms, jnp.sum(split_micro(mask, micro), axis=(1, 2)))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = global_norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
     ok = finite & (denom > 0)  # an all-masked minibatch (every group dropped) must not move AdamW
     new_params, new_opt = apply_if(ok, tx, grads, params, state["opt_state"])

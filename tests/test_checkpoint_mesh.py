@@ -72,6 +72,7 @@ def _close(path, a, b):
 MESHES_B = {"data2xfsdp2xtensor2": {"data": 2, "fsdp": 2, "tensor": 2}, "one_device": None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MESHES_B))
 def test_restore_on_another_mesh_is_exact_and_continues(saved, name):
     directory, at_save, want_next, want_metrics = saved
@@ -100,6 +101,7 @@ def test_restore_on_another_mesh_is_exact_and_continues(saved, name):
     jax.tree_util.tree_map_with_path(_close, got_next, want_next)
 
 
+@pytest.mark.slow
 def test_restore_with_another_width_names_the_tensors(saved):
     directory = saved[0]
     tr = _trainer(shd.make_mesh({}, jax.devices()[:1]), hidden_size=32)

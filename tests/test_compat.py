@@ -39,6 +39,7 @@ def test_upgrade_moves_every_flat_key_and_keeps_the_old_alphas():
     assert tc.upgrade(json.loads(c.to_json())) == json.loads(c.to_json())  # the current layout is left alone
 
 
+@pytest.mark.slow
 def test_an_old_workdir_resumes_with_the_losses_the_old_code_logged(old_workdir):
     with open(os.path.join(FIXTURE, "expected.json")) as fh:
         want = {int(k): v for k, v in json.load(fh)["resumed_losses"].items()}
@@ -52,6 +53,7 @@ def test_an_old_workdir_resumes_with_the_losses_the_old_code_logged(old_workdir)
     assert "optim" in stored and "learning_rate" not in stored  # rewritten in the current layout
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_names_the_fields(old_workdir):
     c = tc.load_stored(str(old_workdir / "config.json"))
     for f in ("layernorm_full_attention_alpha", "layernorm_linear_attention_alpha", "layernorm_mlp_alpha"):

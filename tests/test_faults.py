@@ -152,6 +152,7 @@ def garble(directory) -> None:
 # -- kills ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_step_resumes_the_same_curve(reference, tmp_path, compile_cache):
     proc = run_driver(tmp_path, compile_cache, "kill_in_step", 5)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -161,6 +162,7 @@ def test_sigkill_during_a_step_resumes_the_same_curve(reference, tmp_path, compi
     same_curve(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_resumes_the_same_curve(reference, tmp_path, compile_cache):
     proc = run_driver(tmp_path, compile_cache, "kill_in_save", 6)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -170,6 +172,7 @@ def test_sigkill_during_a_save_resumes_the_same_curve(reference, tmp_path, compi
     same_curve(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_then_a_torn_metrics_line_resume_the_same_curve(reference, tmp_path, monkeypatch, caplog):
     base = loop.Trainer
 
@@ -259,6 +262,7 @@ def test_cli_prints_one_error_for_unreadable_checkpoints(reference, tmp_path, co
 # -- finished runs ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_reports_it_and_a_longer_run_extends_it(reference, tmp_path, caplog):
     run = copy_of(reference, tmp_path)
     before = (run / "metrics.jsonl").read_bytes()
@@ -298,6 +302,7 @@ RL_OVERRIDES = {"steps": 2, "rl.prompts_per_step": 4, "rl.samples_per_prompt": 2
                 "eval.prompts": 4, "eval.samples": 0, "checkpoint.every": 2, "eval.every": 2}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_rerun_of_a_finished_rl_run_says_complete(tmp_path):
     from rl.loop import train as rl_train
 
@@ -319,6 +324,7 @@ def test_cli_rerun_of_a_finished_rl_run_says_complete(tmp_path):
 # -- config errors ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("module", "flag", "message"),
     [
@@ -347,6 +353,7 @@ def test_cli_config_errors_are_one_line(tmp_path, module, flag, message):
     assert message in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_nonfinite_run_is_one_error(tmp_path, compile_cache):
     flags = ("--config.optim.learning_rate=1e9", "--config.optim.grad_clip=0", "--config.max_bad_steps=1")
     flags += ("--config.steps=30",)
@@ -368,6 +375,7 @@ def params():
     return init_params(CFG, jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("tokens", "error", "match"),
     [

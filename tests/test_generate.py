@@ -13,6 +13,7 @@ PREFILL = jax.jit(prefill, static_argnums=(0, 3))
 DECODE = jax.jit(decode_step, static_argnums=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [5, 7, 8, 9, 19])  # block size 8: N and N+T straddle block boundaries
 def test_prefill_then_decode_equals_full_forward(n):
     steps = 11
@@ -31,6 +32,7 @@ def test_prefill_then_decode_equals_full_forward(n):
     assert kv.shape == (1, 1, 2, n + steps, CFG.num_key_value_heads, CFG.head_dim)
 
 
+@pytest.mark.slow
 def test_prompts_of_different_lengths_in_one_batch():
     rows = [[5, 9, 2, 7, 1, 3, 8, 8, 4, 6, 2, 9, 11], [3, 1, 4], [2, 7, 1, 8, 2, 8, 1, 8, 2]]
     tokens, lengths = left_pad(rows)
@@ -43,6 +45,7 @@ def test_prompts_of_different_lengths_in_one_batch():
         assert rel_err(step[i, 0], alone[0, -1]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_generate_matches_argmax_of_full_forward():
     """By causality one forward of the final sequence gives every step's logits."""
     rows = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
@@ -57,6 +60,7 @@ def test_greedy_generate_matches_argmax_of_full_forward():
     assert list(np.asarray(out.lengths)) == [6, 6]
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_a_row():
     rows = [[1, 2, 3], [4, 5, 6]]
     free = generate(CFG, PARAMS, rows, 5, greedy=True)

@@ -20,6 +20,7 @@ def rel_rms(a, b):
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_triton"])
 @pytest.mark.parametrize("context", [False, True])
 def test_sharded_kernels_match_recurrence(impl, context):

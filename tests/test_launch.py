@@ -63,6 +63,7 @@ def test_slurm_dry_run():
     assert "JAX_NUM_PROCESSES=4" in text and "experiments.pretrain --config x.py" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the tpu extra)")
 def test_aot_compiles_small_config_for_v5p():
     from experiments import aot
@@ -86,6 +87,7 @@ def test_aot_compiles_small_config_for_v5p():
         aot.run(c, "v5p:2x2x1", "pretrain")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the tpu extra)")
 def test_aot_compiles_expert_and_sequence_parallel_steps_for_v5p():
     """The explicit collectives compile for TPU: expert all-to-all and LASP-2 with the Mosaic

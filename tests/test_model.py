@@ -36,6 +36,7 @@ def input_jacobian(tokens, segment_ids=None):
     return jax.jit(jax.jacrev(f))(zeros, tokens, segment_ids)
 
 
+@pytest.mark.slow
 def test_causality():
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 19), 0, CFG.vocab_size)
     jac = jnp.abs(input_jacobian(tokens)).sum(-1)  # [B, T, B, S]
@@ -48,6 +49,7 @@ def test_causality():
         assert float(jac[b, :, 1 - b].max()) == 0.0  # rows of a batch are independent
 
 
+@pytest.mark.slow
 def test_packed_documents_do_not_interact():
     seg = jnp.array([[1] * 11 + [2] * 9 + [3] * 5])
     tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 25), 0, CFG.vocab_size)
@@ -60,6 +62,7 @@ def test_packed_documents_do_not_interact():
         assert rel_err(packed[:, lo:hi], alone) <= 1e-5
 
 
+@pytest.mark.slow
 def test_padding_is_left_out_of_router_statistics():
     tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 12), 0, CFG.vocab_size)
     seg = jnp.array([[1] * 8 + [0] * 4])
@@ -71,6 +74,7 @@ def test_padding_is_left_out_of_router_statistics():
     np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experts, k", [(4, 2), (8, 2), (4, 1), (6, 3)])
 def test_aux_loss_equals_top_k_at_perfect_balance(experts, k):
     """Token i's router logits are a cyclic shift by i: every expert is each rank's choice equally
@@ -92,6 +96,7 @@ def test_aux_loss_equals_top_k_at_perfect_balance(experts, k):
     assert float(switch_aux_loss(stats, experts)) > k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 40, 300])
 def test_moe_implementations_agree(n):
     e, d, f, k = 6, 16, 24, 2
@@ -118,6 +123,7 @@ def test_moe_implementations_agree(n):
             assert rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.slow
 def test_expert_tiles_chunking_with_skewed_load():
     # 7 tiles (chunks of 4 + 2 + 1), none, 1 and 5 (4 + 1), then 3 unused tiles: every chunk size runs.
     m, d, f = 4, 8, 12
@@ -145,6 +151,7 @@ def test_expert_tiles_chunking_with_skewed_load():
         assert rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_compute_is_close_to_fp32():
     # Standard init: the x15-scaled test model is chaotic enough that bf16 rounding flips routing.
     params = init_params(CFG, jax.random.PRNGKey(0))
@@ -155,6 +162,7 @@ def test_bf16_compute_is_close_to_fp32():
     assert rel_err(lo, hi) <= 2e-2
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_gradients():
     tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 16), 0, CFG.vocab_size)
 
@@ -187,6 +195,7 @@ def test_out_of_range_tokens_are_rejected():
         apply(jnp.array([[-1, 2]]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_triton"])
 def test_model_with_pallas_kernels_matches_reference(impl, monkeypatch):
     """The model selects the kernel through its config; logits and gradients (packed documents,

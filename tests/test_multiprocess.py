@@ -197,6 +197,7 @@ def runs(tmp_path_factory, jax_cache):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_only_process_0_writes(runs):
     full = runs["full"]
     curve = _losses(full)
@@ -212,6 +213,7 @@ def test_two_processes_train_and_only_process_0_writes(runs):
     assert sorted(int(p) for p in os.listdir(full / "checkpoints") if p.isdigit()) == [2, 4]
 
 
+@pytest.mark.slow
 def test_each_process_packs_its_shard_and_the_checkpoint_holds_both(runs):
     """Replaying a packer per corpus shard (BATCH / 2 rows a step) in this process: every step's
     global token count is the sum over both shards' rows, and the final checkpoint's data state
@@ -227,6 +229,7 @@ def test_each_process_packs_its_shard_and_the_checkpoint_holds_both(runs):
     assert [p.state for p in packers] == shards
 
 
+@pytest.mark.slow
 def test_resume_continues_the_uninterrupted_run(runs):
     full, parts = runs["full"], runs["parts"]
     assert runs["part_checkpoints"] == [2]
@@ -243,6 +246,7 @@ def test_resume_continues_the_uninterrupted_run(runs):
     assert not (parts / "samples.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, jax_cache):
     """A preempted host: SIGTERM to process 1 only, mid-run. Both processes agree on the stop
     (loop.stop_requested), leave the step loop after the same step N, save the checkpoint at N

@@ -88,6 +88,7 @@ def test_grid_masks_the_answer_positions():
         needle.grid(TOK, [128], [0.5], 1, seed=0, seq_len=64)
 
 
+@pytest.mark.slow
 def test_score_matches_the_model_and_is_chunk_invariant():
     cfg = config.tiny(vocab_size=264)
     params = init_params(cfg, jax.random.PRNGKey(0))

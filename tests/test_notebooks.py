@@ -48,6 +48,7 @@ def test_notebooks_are_committed_clean(path):
             assert cell.execution_count is None, f"{path.name} cell {i} has an execution count"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_small_mode(path, tmp_path, monkeypatch):
     monkeypatch.delenv("FULL", raising=False)

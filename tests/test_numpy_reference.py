@@ -95,6 +95,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_m1jax_matches_numpy_reference(name, tmp_path):
     config, t, shards = CASES[name]

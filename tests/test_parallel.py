@@ -74,6 +74,7 @@ def _parallel_moe(mesh, w_router, cf=0.0, impl=moe.experts_tiled):
     return f
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape", [{"expert": 8}, {"expert": 4, "fsdp": 2}, {"expert": 2, "tensor": 2, "sequence": 2}], ids=_ids
 )
@@ -127,6 +128,7 @@ def test_expert_capacity_drops_exactly_the_overflow(cf):
     assert (rel_rms(got, dropless) > 1e-3) == (dropped > 0)
 
 
+@pytest.mark.slow
 def test_moe_module_uses_all_to_all_on_an_expert_mesh():
     cfg = config.tiny(num_local_experts=8, hidden_size=48)
     mesh = shd.make_mesh({"expert": 4, "fsdp": 2})
@@ -186,6 +188,7 @@ def _segments(t, shard, kind):
     return jnp.asarray(np.stack([row0, row1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape", [{"sequence": 8}, {"sequence": 4, "tensor": 2}, {"sequence": 2, "data": 2, "tensor": 2}], ids=_ids
 )
@@ -243,6 +246,7 @@ def test_lasp2_gathers_states_not_tokens():
 # -- sequence parallelism: softmax -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [{"sequence": 8}, {"sequence": 4, "tensor": 2}], ids=_ids)
 @pytest.mark.parametrize("segments", [None, "cross"])
 def test_sequence_parallel_softmax_equals_flash(shape, segments):
@@ -272,6 +276,7 @@ def test_sequence_parallel_softmax_equals_flash(shape, segments):
 # -- the training step runs them ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, used",
     [({"expert": 4, "fsdp": 2}, {"experts"}), ({"sequence": 4, "fsdp": 2}, {"lightning", "softmax"})],

@@ -66,6 +66,7 @@ def test_clipped_tokens_keep_a_gradient_in_cispo_but_not_in_grpo():
     np.testing.assert_allclose(np.asarray(gg), [[0.0, -1.0 / 2]], atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cispo", "grpo", "dapo", "gspo"])
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
 def test_micro_batch_split_and_padding_invariance(name, aggregation):

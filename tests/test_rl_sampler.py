@@ -13,6 +13,7 @@ PROMPTS = [[5, 9, 2, 7, 1, 3, 8, 8, 4, 6, 2], [3, 1, 4], [2, 7, 1, 8, 2, 8, 1], 
 LOGPROBS = jax.jit(sequence_logprobs, static_argnums=(0, 6))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logprobs_equal_trainer_recomputation(temperature):
     sp = SamplingParams(max_new_tokens=13, temperature=temperature, stop_tokens=(3,))
@@ -23,6 +24,7 @@ def test_sampler_logprobs_equal_trainer_recomputation(temperature):
     assert np.all(np.asarray(r.logprobs)[np.asarray(r.mask) == 0] == 0)
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_rows_and_are_kept():
     # Make token 3 the stop token: every row ends at its first 3, which stays in the response.
     sp = SamplingParams(max_new_tokens=20, stop_tokens=(3,), pad_id=0)
@@ -36,6 +38,7 @@ def test_stop_tokens_end_rows_and_are_kept():
             assert fin == FINISH_LENGTH and n == 20 and 3 not in row
 
 
+@pytest.mark.slow
 def test_confident_run_stops_early():
     # A 1000x LM head makes the model's top token ~certain: a run of 4 stops every row.
     sharp = {**PARAMS, "lm_head": PARAMS["lm_head"] * 1000.0}
@@ -54,6 +57,7 @@ def test_confident_run_stops_early():
     assert np.all(np.asarray(r.lengths) == 12) and np.all(np.asarray(r.finish) == FINISH_LENGTH)
 
 
+@pytest.mark.slow
 def test_top_k_and_top_p_restrict_the_support_and_logprobs_are_of_that_distribution():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     k2 = jax.nn.softmax(process_logits(logits, top_k=2))

@@ -46,6 +46,7 @@ def test_band_and_summarize():
     assert s["clip_fraction_mean"] == pytest.approx(0.1) and s["ratio_max"] == 1.5 and s["ratio_min"] == 0.5
 
 
+@pytest.mark.slow
 def test_compare_rows_equal_train_metrics(tmp_path):
     """Losses share the sampler, log-probs and initial states; each run is still exactly train()'s run."""
     c = small_toy({"steps": 3})
@@ -65,6 +66,7 @@ def test_compare_rows_equal_train_metrics(tmp_path):
             np.testing.assert_allclose(y[k], x[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.slow
 def test_compare_from_a_pretraining_workdir(tmp_path):
     """init_from: every (loss, seed) run starts from the pretrained policy (KL 0 at the first update)."""
     from test_train import quick_config

@@ -27,6 +27,7 @@ def rows(workdir, key):
         return [r for r in map(json.loads, fh) if key in r]
 
 
+@pytest.mark.slow
 def test_cispo_toy_learns_from_scratch(tmp_path):
     c = toy_config()
     summary = train(c, str(tmp_path), progress=False)
@@ -55,6 +56,7 @@ def small_toy(overrides: dict | None = None):
     return c
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     sa = train(small_toy(), a, progress=False)
@@ -79,6 +81,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert open(os.path.join(a, "metrics.jsonl")).read() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["grpo", "dapo", "gspo"])
 def test_every_loss_runs_under_the_same_harness(tmp_path, loss):
     c = small_toy({"rl.loss": loss, "steps": 2, "micro_batches": 2})
@@ -128,6 +131,7 @@ def test_renamed_fields_name_their_new_place(old, new):
         validate(c)
 
 
+@pytest.mark.slow
 def test_rl_step_runs_sharded_and_matches_one_device(tmp_path):
     """Same rollouts and updates on a 2x2x2 (data, fsdp, tensor) mesh of host devices."""
     one = train(small_toy({"steps": 2}), str(tmp_path / "one"), progress=False)
@@ -140,6 +144,7 @@ def test_rl_step_runs_sharded_and_matches_one_device(tmp_path):
     assert one["end_step"] == eight["end_step"] == 2
 
 
+@pytest.mark.slow
 def test_init_from_a_pretraining_workdir_on_a_sharded_mesh(tmp_path):
     """Pretrain a few steps, then RL from that checkpoint on 8 host devices: params start equal."""
     from test_train import quick_config
@@ -162,6 +167,7 @@ def test_init_from_a_pretraining_workdir_on_a_sharded_mesh(tmp_path):
         train(c, str(tmp_path / "rl2"), progress=False)
 
 
+@pytest.mark.slow
 def test_update_is_invariant_to_micro_batching():
     """One update on the same minibatch with 1, 2 or 4 micro-batches (some rows fully masked)."""
     import jax
@@ -213,6 +219,7 @@ def test_paired_change_uses_per_prompt_differences():
     assert paired_change(before, before)["acc"] == {"delta": 0.0, "se": 0.0, "z": 0.0}
 
 
+@pytest.mark.slow
 def test_a_new_loss_is_one_function_and_its_knobs(tmp_path, monkeypatch):
     """The README's recipe: register a loss with its knobs; the config section, validation and
     the training run need nothing else."""

@@ -52,6 +52,7 @@ def _close(path, a, b):
     assert float(np.max(np.abs(a - b))) <= 1e-5 * scale, jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items()))
 def test_sharded_step_equals_single_device(single, shape):
     want, want_m, _ = single

@@ -17,6 +17,7 @@ CFG = CFG.replace(vocab_size=96)  # divisible by the tensor axis
 PARAMS = big_params(CFG)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape", [{"fsdp": 2, "tensor": 2, "expert": 2}, {"data": 2, "fsdp": 4}, {"tensor": 2, "expert": 4}]
 )
@@ -46,6 +47,7 @@ def test_bad_mesh_is_an_error():
         make_mesh({"fsdp": 3, "tensor": 2})
 
 
+@pytest.mark.slow
 def test_gradients_under_sharding():
     mesh = make_mesh({"fsdp": 2, "tensor": 2, "expert": 2})
     params = jax.device_put(PARAMS, param_shardings(CFG, mesh))

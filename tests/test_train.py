@@ -47,6 +47,7 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_default_config_learns(tmp_path):
     """The embedded default (configs/pretrain_tiny.py, 7:1 hybrid MoE) loses well over 1 nat in 100 steps."""
     c = runpy.run_path(os.path.join(ROOT, "configs", "pretrain_tiny.py"))["get_config"]()
@@ -66,6 +67,7 @@ def test_default_config_learns(tmp_path):
     assert out["sample_accuracy"] is not None and out["checkpoints"][-1] == 100
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     full, parts = tmp_path / "full", tmp_path / "parts"
     train(quick_config(), str(full), progress=False)
@@ -78,6 +80,7 @@ def test_resume_is_exact(tmp_path):
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     train(quick_config({"steps": 8}), str(tmp_path), progress=False)
     ckpt_dir = tmp_path / "checkpoints"
@@ -91,6 +94,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     assert any("step 8" in r.message and "falling back" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
     args = [
         sys.executable, "-m", "experiments.pretrain", f"--workdir={tmp_path}", "--noprogress",
@@ -128,6 +132,7 @@ def _batch(seed, b=4, t=64, vocab=261):
     return {"tokens": rng.integers(0, vocab, (b, t)).astype(np.int32), "segment_ids": segs}
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped():
     cfg, tr = _trainer(quick_config())
     state = tr.init(jax.random.PRNGKey(0))
@@ -144,6 +149,7 @@ def test_nonfinite_step_is_skipped():
         check_finite(3, {"bad_streak": 2, "loss": float("nan")}, max_bad=2)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_batch():
     """Two micro-batches give the same loss and gradient as one (SGD with lr 1: update = -grad)."""
     import optax
@@ -165,6 +171,7 @@ def test_gradient_accumulation_matches_one_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale), out[0][1], out[1][1])
 
 
+@pytest.mark.slow
 def test_packed_documents_do_not_influence_each_other():
     cfg = tc.validate(quick_config())
     params = M1Model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
@@ -234,6 +241,7 @@ def test_schedules():
     assert 0.0 < float(wsd(91)) < 1.0
 
 
+@pytest.mark.slow
 def test_metrics_file_is_json_lines(tmp_path):
     train(quick_config({"steps": 3, "eval.every": 3, "checkpoint.every": 3}), str(tmp_path), progress=False)
     with open(tmp_path / "metrics.jsonl") as fh:
@@ -242,6 +250,7 @@ def test_metrics_file_is_json_lines(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
+@pytest.mark.slow
 def test_chunked_loss_equals_full_loss():
     """loss_chunk computes the head + cross entropy in token chunks: same loss and gradients."""
     from m1jax.train.step import batch_loss

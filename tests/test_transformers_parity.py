@@ -56,6 +56,7 @@ def tokens(seq, batch=2, seed=0, vocab=101):
     return np.random.RandomState(seed).randint(0, vocab, (batch, seq))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(case, tmp_path):
     kw = dict(CASES[case])
@@ -74,6 +75,7 @@ def test_logits_match_transformers(case, tmp_path):
     np.testing.assert_allclose(float(aux["router_aux_loss"]), float(ref.aux_loss), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trips_through_transformers(tmp_path):
     cfg = config.tiny(rotary_dim=16, num_hidden_layers=6, attn_type_list=(0, 0, 1, 0, 0, 1))
     params = init_params(cfg, jax.random.PRNGKey(3))
@@ -93,6 +95,7 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
+@pytest.mark.slow
 def test_partial_rotary_save_warns_and_reloads(tmp_path):
     cfg = config.tiny()  # rotary_dim 8 < head_dim 16
     params = init_params(cfg, jax.random.PRNGKey(0))

@@ -44,6 +44,7 @@ def test_chunk_lengths():
     assert registry.LIGHTNING["pallas_mgpu"].chunk(None, 1000) == 64
 
 
+@pytest.mark.slow
 def test_softmax_impls_give_the_same_model():
     cfg = PRESETS["tiny"](vocab_size=64)
     params = init_params(cfg, jax.random.PRNGKey(0))

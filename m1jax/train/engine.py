@@ -65,6 +65,11 @@ def accumulate(grad_fn, params, batch, micro: int, *, sum_stats: bool = True):
     return jax.lax.scan(body, zeros, parts)
 
 
+def global_norm(tree):
+    """sqrt of the summed squares of every leaf (as optax.global_norm, which optax deprecates)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def apply_if(ok, tx: optax.GradientTransformation, grads, params, opt_state):
     """(params, opt_state) after the update where `ok`, unchanged where not.
 

@@ -20,7 +20,7 @@ from m1jax import sharding as shd
 from m1jax.config import ModelConfig
 from m1jax.model import M1Model
 from m1jax.objective import chunked_nll_sum, targets_and_mask, token_nll
-from m1jax.train.engine import Engine, accumulate, apply_if
+from m1jax.train.engine import Engine, accumulate, apply_if, global_norm
 
 _F32 = jnp.float32
 COUNTERS = ("skipped", "bad_streak")  # the pretraining state's counters (checkpoint layout)
@@ -54,7 +54,7 @@ def train_step(
     stats["expert_load"] = stats["expert_load"] / micro_batches
 
     loss = stats["nll_sum"] / num_tokens
-    grad_norm = optax.global_norm(grads)
+    grad_norm = global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(stats["aux_loss"])
     new_params, new_opt = apply_if(ok, tx, grads, params, state["opt_state"])
     applied = state["step"] - state["skipped"]  # optimizer updates so far: the schedule's clock

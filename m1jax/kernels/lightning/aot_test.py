@@ -60,6 +60,7 @@ def v5p():
 _V5P_CASES = [("default", False), ("default", True), ("highest", True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,segmented", _V5P_CASES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_tpu_kernel_compiles_for_v5p_forward_and_backward(v5p, precision, segmented, dtype):

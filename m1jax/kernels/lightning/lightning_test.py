@@ -31,6 +31,7 @@ def segments(t, seed=0, b=2):
     return jnp.cumsum(starts, axis=1) + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [1, C - 1, C, C + 1, 2 * C + 7, 5 * C, 83])
 @pytest.mark.parametrize("with_h0", [False, True])
 @pytest.mark.parametrize("with_seg", [False, True])
@@ -44,6 +45,7 @@ def test_chunked_equals_recurrence(t, with_h0, with_seg):
     assert rel_rms(state, ref_state) <= 1e-5
 
 
+@pytest.mark.slow
 def test_chunked_matches_explicit_sum():
     """The recurrence itself against o_t = sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s in float64."""
     q, k, v, _ = inputs(20, seed=3, b=1)
@@ -56,6 +58,7 @@ def test_chunked_matches_explicit_sum():
     assert rel_rms(out[0], ref) <= 1e-5
 
 
+@pytest.mark.slow
 def test_documents_are_independent():
     q, k, v, _ = inputs(40, seed=5, b=1)
     seg = jnp.concatenate([jnp.full((1, 17), 3), jnp.full((1, 23), 7)], axis=1)
@@ -106,6 +109,7 @@ def test_unknown_impl_is_an_error():
         lightning_attention(q, k, v, SLOPES, impl="nope")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [33, 40])  # with and without a remainder after the last full span
 def test_outer_spans_equal_recurrence(t):
     """Long sequences run as a scan over spans; documents may start exactly at a span border."""

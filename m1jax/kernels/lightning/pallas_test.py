@@ -39,6 +39,7 @@ def run(impl, q, k, v, h0=None, seg=None, **kw):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("t", [1, C - 1, C, C + 1, 3 * C + 5, 6 * C])
 @pytest.mark.parametrize("extras", ["none", "h0+segments"])
@@ -53,6 +54,7 @@ def test_forward_fp32_matches_recurrence(impl, t, extras):
     assert rel_rms(state, ref_state) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_forward_bf16_within_1e2(impl):
     t = 4 * C + 3
@@ -65,6 +67,7 @@ def test_forward_bf16_within_1e2(impl):
     assert rel_rms(state, ref_state) <= 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spans", [1, 2, 3])
 def test_gpu_spans_do_not_change_the_result(spans):
     """Several blocks per span, several spans, a document crossing span borders, ragged end."""
@@ -81,6 +84,7 @@ def test_gpu_spans_do_not_change_the_result(spans):
     assert rel_rms(hm(out), ref_out) <= 1e-5 and rel_rms(state, ref_state) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("t,extras", [(C + 1, "h0"), (3 * C + 5, "h0+segments"), (4 * C, "none")])
 def test_gradients_match_autodiff_of_recurrence(impl, t, extras):
@@ -102,6 +106,7 @@ def test_gradients_match_autodiff_of_recurrence(impl, t, extras):
         assert rel_rms(g, r) <= 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradients_bf16(impl):
     t = 3 * C + 5

@@ -29,6 +29,7 @@ def packed_runs(b, t, seed):
     return run_ids(jnp.asarray(ids, jnp.int32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "t,h,g,block", [(1, 2, 1, 16), (15, 4, 2, 16), (16, 4, 4, 16), (17, 4, 1, 16), (100, 4, 2, 32), (96, 2, 2, 8)]
 )
