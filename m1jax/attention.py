@@ -17,6 +17,15 @@ from m1jax.parallel import sequence as sequence_parallel
 _F32 = jnp.float32
 
 
+def _write(cache, new, index):
+    """Write one token's keys or values new [B, 1, G, D] into cache [B, S, G, D] at slot `index`:
+    a scalar (every row at the same slot: one slice update) or [B] (each row its own slot, as the
+    rollout engine's decode slots are; a row scatter, in place under donation)."""
+    if jnp.ndim(index) == 0:
+        return lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
+    return cache.at[jnp.arange(cache.shape[0]), index].set(new[:, 0], mode="drop")
+
+
 class SoftmaxAttention(nn.Module):
     """mode: "train" (full causal), "prefill" (also returns a [B, max_len] KV cache) or "decode"."""
 
@@ -42,11 +51,10 @@ class SoftmaxAttention(nn.Module):
 
         new_cache = None
         if self.mode == "decode":
-            slot = (0, ctx.index, 0, 0)
-            k_all = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
-            v_all = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), slot)
+            k_all, v_all = (_write(cache[n], y.astype(cache[n].dtype), ctx.index) for n, y in (("k", k), ("v", v)))
             slots = jnp.arange(k_all.shape[1])
-            mask = (slots[None, :] >= ctx.start[:, None]) & (slots[None, :] <= ctx.index)  # [B, S]
+            index = jnp.reshape(ctx.index, (-1, 1))  # [1 or B, 1]
+            mask = (slots[None, :] >= ctx.start[:, None]) & (slots[None, :] <= index)  # [B, S]
             out = gqa_attention(q, k_all.astype(dt), v_all.astype(dt), mask[:, None, :])
             new_cache = {"k": k_all, "v": v_all}
         else:

@@ -1,8 +1,9 @@
 """Decoding with a constant-size lightning state and a fixed-size softmax KV cache.
 
 The cache is a pytree: per lightning layer an fp32 state [B, H, Dk, Dv] (independent of context
-length), per softmax layer k/v [B, max_len, G, D], plus `index` (next slot) and `start` [B] (first
-real slot of each row). Prompts of different lengths are right-aligned (left padding); padding is
+length), per softmax layer k/v [B, max_len, G, D], plus `index` (next slot: a scalar, or [B] when
+each row decodes at its own slot, as in the rollout engine) and `start` [B] (first real slot of
+each row). Prompts of different lengths are right-aligned (left padding); padding is
 its own document, so it reaches neither the lightning state nor softmax attention.
 """
 

@@ -33,7 +33,7 @@ class Context(NamedTuple):
 
     positions: [B, T] RoPE positions. runs: [B, T] contiguous-document index or None.
     valid: [B, T] bool, tokens that count in the router statistics.
-    index: scalar int32 cache slot of the current token (decode only).
+    index: int32 cache slot of the current token (decode only): a scalar, or [B] per row.
     start: [B] int32 first valid cache slot per row (prefill/decode; left padding).
     """
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections import config_dict
 
 from m1jax.train.config import SHARED_RENAMED, check_shared, checker, field, model_config, shared_config
-from rl import advantages, losses, rewards
+from rl import advantages, losses, mismatch, rewards
 
 OLD_LOGP = ("trainer", "sampler")
 SOURCES = ("tasks", "toy_copy", "toy_reverse")
@@ -47,13 +48,29 @@ def base_config() -> ml_collections.ConfigDict:
     r.sampling = ml_collections.ConfigDict(
         {
             "max_new_tokens": 96,
+            # The generation budget over steps, "step:tokens,..." (e.g. "0:64,100:128": 64 new tokens from
+            # step 0, 128 from step 100; M1 raised its budget from 40K to 80K during RL). A string because
+            # CLI overrides take strings whole. "" = max_new_tokens throughout; when set, it replaces it.
+            "max_new_tokens_schedule": "",
             "temperature": 1.0,
             "top_p": 1.0,
             "top_k": 0,
             "confident_run": 3000,  # stop a response after this many consecutive tokens with p > confident_prob
             "confident_prob": 0.99,
+            # Rollout-engine decode slots (continuous batching: a finished sample's slot takes the next
+            # pending group); unset = one slot per sample of the step, every sample in flight at once.
+            "slots": config_dict.placeholder(int),
         }
     )
+    # DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward of each response:
+    # 0 up to max_length - buffer tokens, then linear down to -1 at max_length, -1 past it.
+    # max_length 0 = the step's max_new_tokens (a response cut at the budget gets -1); buffer 0 =
+    # max(1, max_length // 5) (DAPO: 4,096 of 20,480).
+    # Train/inference mismatch correction (rl.mismatch): behaviour weights of the trainer's old policy
+    # over the sampler, "tis" (truncated at upper) or "mis" (masked outside [lower, upper]) at the
+    # "token", "sequence" or "geometric" level; "none" = off.
+    r.mismatch = ml_collections.ConfigDict({"mode": "none", "level": "token", "upper": 2.0, "lower": 0.5})
+    r.overlong = ml_collections.ConfigDict({"enabled": False, "max_length": 0, "buffer": 0})
     return c
 
 
@@ -82,6 +99,45 @@ def reward_weights(spec: str) -> dict[str, float]:
     if not out:
         raise ValueError("config.rl.reward is empty; name at least one reward, e.g. 'task'")
     return out
+
+
+SCHEDULE = "rl.sampling.max_new_tokens_schedule"
+
+
+def token_schedule(spec: str) -> list[tuple[int, int]]:
+    """ "0:64,100:128" -> [(0, 64), (100, 128)] (from step 0, 64 new tokens; from step 100, 128);
+    "" -> []. The first step must be 0 and both steps and tokens strictly increase."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        step, _, tokens = part.partition(":")
+        try:
+            out.append((int(step), int(tokens)))
+        except ValueError:
+            raise ValueError(f"config.{SCHEDULE}={spec!r}: {part!r} is not step:tokens (two integers)") from None
+    problem = None
+    if out and out[0][0] != 0:
+        problem = f"the first stage must start at step 0, not {out[0][0]}"
+    elif any(t < 1 for _, t in out):
+        problem = "tokens must be >= 1"
+    elif any(a[0] >= b[0] or a[1] >= b[1] for a, b in zip(out, out[1:], strict=False)):
+        problem = "steps and tokens must both strictly increase (the budget only grows)"
+    if problem:
+        raise ValueError(f"config.{SCHEDULE}={spec!r}: {problem}")
+    return out
+
+
+def max_new_tokens_at(c, step: int) -> int:
+    """The generation budget of `step`: the tokens of the last schedule stage starting at or before it,
+    or rl.sampling.max_new_tokens without a schedule."""
+    stages = token_schedule(c.rl.sampling.max_new_tokens_schedule)
+    return next((t for s, t in reversed(stages) if s <= step), c.rl.sampling.max_new_tokens)
+
+
+def overlong_limits(c, budget: int) -> tuple[int, int]:
+    """(max_length, buffer) of the soft overlong penalty at a step with generation budget `budget`."""
+    o = c.rl.overlong
+    top = o.max_length or budget
+    return top, o.buffer or max(1, top // 5)
 
 
 def loss_kwargs(c) -> dict:
@@ -114,7 +170,37 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "'sampler' log-probs are of the top-p / top-k truncated distribution, not pi_old: use 'trainer'",
     )
     need(s.temperature > 0, "rl.sampling.temperature", "must be positive")
+    need(
+        s.slots is None or s.slots >= r.samples_per_prompt,
+        "rl.sampling.slots",
+        f"must be >= samples_per_prompt={r.samples_per_prompt} (a group is inserted whole), or unset (one per sample)",
+    )
     need(0 < s.top_p <= 1, "rl.sampling.top_p", "must lie in (0, 1]")
+    budgets = [t for _, t in token_schedule(s.max_new_tokens_schedule)] or [s.max_new_tokens]
+    o = r.overlong
+    if o.enabled:
+        need(o.max_length >= 0, "rl.overlong.max_length", "must be >= 0 (0 = the step's max_new_tokens)")
+        need(o.buffer >= 0, "rl.overlong.buffer", "must be >= 0 (0 = max(1, max_length // 5))")
+        if o.buffer:  # (0 picks one that fits)
+            top = o.max_length or min(budgets)  # without max_length, every stage's budget must leave room
+            need(o.buffer < top, "rl.overlong.buffer", f"must be < max_length ({top}; 0 = a stage's max_new_tokens)")
+    m = r.mismatch
+    need(m.mode in mismatch.MODES, "rl.mismatch.mode", f"must be one of {mismatch.MODES}")
+    need(m.level in mismatch.LEVELS, "rl.mismatch.level", f"must be one of {mismatch.LEVELS}")
+    need(m.upper > 1, "rl.mismatch.upper", "must be > 1 (the weights' upper bound)")
+    need(0 <= m.lower < 1, "rl.mismatch.lower", "must lie in [0, 1) (MIS's lower bound; 0 = none)")
+    if m.mode != "none":
+        need(
+            r.old_logp == "trainer",
+            "rl.mismatch.mode",
+            "corrects the trainer's old log-probs toward the sampler's; with rl.old_logp='sampler' the ratio "
+            "already is pi_theta / pi_sampler: use mode 'none'",
+        )
+        need(
+            s.top_p == 1 and s.top_k == 0,
+            "rl.mismatch.mode",
+            "needs the sampler's log-probs of the untruncated distribution (top_p = 1, top_k = 0)",
+        )
     need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
     need(c.data.source in SOURCES, "data.source", f"must be one of {SOURCES}")
     unknown = sorted(set(reward_weights(r.reward)) - set(rewards.available()))

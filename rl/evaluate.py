@@ -11,6 +11,7 @@ import numpy as np
 
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
+from rl.config import max_new_tokens_at
 from rl.sampler import SamplingParams, sample
 
 
@@ -47,17 +48,21 @@ def paired_change(before: dict, after: dict) -> dict:
     return out
 
 
-def evaluate(cfg, params, tokenizer, c, reward_fn, per_prompt: dict | None = None) -> dict:
+def evaluate(
+    cfg, params, tokenizer, c, reward_fn, per_prompt: dict | None = None, max_new_tokens: int | None = None
+) -> dict:
     """Held-out prompts: greedy mean reward and exact-answer accuracy, and the accuracy of
     `eval_samples` sampled responses per prompt at the training temperature (avg@k), each with
     its standard error over prompts (`*_se`). Prompts and sampling keys are fixed, so two calls
-    see the same prompts; `per_prompt`, if given, receives the per-prompt values."""
+    see the same prompts; `per_prompt`, if given, receives the per-prompt values. `max_new_tokens`:
+    the generation budget (default: step 0's of `rl.sampling.max_new_tokens_schedule`)."""
     split = "test" if c.data.source == "tasks" else "eval"
     pairs = prompt_lib.batch(
         c.data.source, c.data.seed, -1, c.eval.prompts, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split
     )
     s = c.rl.sampling
-    sp = SamplingParams(s.max_new_tokens, greedy=True, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+    n = max_new_tokens or max_new_tokens_at(c, 0)
+    sp = SamplingParams(n, greedy=True, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
     r = sample(cfg, params, [tokenizer.encode(p, bos=True) for p, _ in pairs], sp, jax.random.PRNGKey(0))
     texts = decode_responses(tokenizer, r, tokenizer.eos_id)
     refs = [ref for _, ref in pairs]

@@ -1,10 +1,19 @@
 """The RL run: `train(config, workdir)`, callable from the CLI or a notebook.
 
 Each step: prompts (a pure function of seed and step) -> G responses each (`rl.sampler`) ->
-rewards (`rl.rewards`) -> advantages (`rl.advantages`) -> old / reference log-probs -> the
-rollout batch shuffled into `updates_per_rollout` minibatch updates. Checkpoints hold the policy
-and optimizer; the reference policy is the initial one, rebuilt on resume. Re-running the same
-command on the same workdir resumes; SIGTERM / SIGINT save and return.
+rewards (`rl.rewards`) -> advantages (`rl.advantages`) -> old / reference log-probs (dispatched
+before the rewards, which they do not need, so the device computes them while the host scores) ->
+the rollout batch, kept on the device, shuffled into `updates_per_rollout` minibatch updates. With
+kl_coef = 0 the logged `kl` is measured at the step's start on sample 0 of each group (`rl_step`).
+Checkpoints hold the policy and optimizer; the reference policy is the initial one, rebuilt on
+resume. Re-running the same command on the same workdir resumes; SIGTERM / SIGINT save and return.
+
+Length control: each step samples with its stage's budget (`rl.sampling.max_new_tokens_schedule`,
+`rl.config.max_new_tokens_at`); a longer stage only means arrays [B, N_stage], which the jitted
+sampler, log-prob and update functions compile once per budget. Nothing in a checkpoint depends on
+the budget, so a run resumes into a longer stage (or with another schedule). Evaluations use the
+budget of the step last trained (the initial one, stage 0's). With `rl.overlong.enabled` DAPO's
+soft overlong penalty (`rl.rewards.soft_overlong_penalty`) is added to every reward.
 """
 
 from __future__ import annotations
@@ -32,8 +41,9 @@ from m1jax.train.run import Run
 from rl import advantages as adv_lib
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
-from rl.config import loss_kwargs, reward_weights, validate
+from rl.config import loss_kwargs, max_new_tokens_at, overlong_limits, reward_weights, validate
 from rl.evaluate import decode_responses, evaluate, exact, paired_change
+from rl.mismatch import behaviour_weights
 from rl.sampler import FINISH_CONFIDENT, FINISH_LENGTH, SamplingParams, sample
 from rl.step import RLTrainer
 
@@ -91,7 +101,7 @@ def setup(c: ml_collections.ConfigDict, mesh) -> Setup:
         raise ValueError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's ({tokenizer.vocab_size})")
     s = c.rl.sampling
     sp = SamplingParams(
-        s.max_new_tokens,
+        max_new_tokens_at(c, 0),  # `rl_step` replaces it with each step's stage
         temperature=s.temperature,
         top_p=s.top_p,
         top_k=s.top_k,
@@ -99,6 +109,7 @@ def setup(c: ml_collections.ConfigDict, mesh) -> Setup:
         pad_id=tokenizer.pad_id,
         confident_run=s.confident_run,
         confident_prob=s.confident_prob,
+        slots=s.slots,
     )
     return Setup(cfg, tokenizer, init_params, reward_lib.combine(reward_weights(c.rl.reward)), sp)
 
@@ -159,8 +170,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     state, start, _ = run.begin(trainer.abstract_state, lambda: fresh)
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
     first_pp, last_pp, last_eval = {}, {}, {}
+    budget = lambda step: max_new_tokens_at(c, max(step - 1, 0))  # of the policy after `step` steps: its last stage
     if start == 0:
-        first = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=first_pp)
+        first = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=first_pp, max_new_tokens=budget(0))
         run.writer.write(0, first)
         summary["initial"] = first
 
@@ -171,7 +183,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         if step % c.log.every == 0 or step == c.steps:
             run.writer.write(step, row)
         if step % c.eval.every == 0 or step == c.steps:
-            last_eval[step] = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp)
+            last_eval[step] = evaluate(
+                cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp, max_new_tokens=budget(step)
+            )
             run.writer.write(step, last_eval[step])
         if run.bar is not None:
             run.bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['response_length']:.0f}", refresh=False)
@@ -183,17 +197,49 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         run.close()
         return summary
     if step not in last_eval:  # (each evaluation overwrites the same per-prompt keys)
-        last_eval[step] = evaluate(cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp)
+        last_eval[step] = evaluate(
+            cfg, state["params"], tokenizer, c, reward_fn, per_prompt=last_pp, max_new_tokens=budget(step)
+        )
     summary["final"] = last_eval[step]
     if not first_pp:  # resumed: the initial policy is the reference, so evaluate that
-        summary["initial"] = evaluate(cfg, ref_params, tokenizer, c, reward_fn, per_prompt=first_pp)
+        summary["initial"] = evaluate(
+            cfg, ref_params, tokenizer, c, reward_fn, per_prompt=first_pp, max_new_tokens=budget(0)
+        )
     summary["change"] = paired_change(first_pp, last_pp)
     run.close({k: summary[k] for k in ("end_step", "checkpoints", "initial", "final", "change")})
     return summary
 
 
+def _k3_mean(logp, ref_logp, mask) -> float:
+    """Token mean of the k3 KL estimator (`rl.losses.k3_kl`: exp(d) - d - 1, d = ref - logp) over mask > 0."""
+    on = mask > 0
+    d = ref_logp[on].astype(np.float64) - logp[on]
+    return float(np.mean(np.exp(d) - d - 1.0)) if on.any() else 0.0
+
+
+def _reference_subset(trainer: RLTrainer, ref_params, dev: dict, g: int):
+    """Reference log-probs [P, N] of sample 0 of each group (rows 0, G, 2G, ...), dispatched on the
+    device. The rows are gathered before the forward when the P of them split over the
+    batch-parallel devices (a 1/G-size forward); otherwise every row is run and the subset taken."""
+    rows = np.arange(0, dev["mask"].shape[0], g)
+    if len(rows) % batch_parallel(trainer.mesh.shape) == 0:
+        return trainer.logprobs(ref_params, trainer.take_rows(dev, rows))
+    return trainer.logprobs(ref_params, dev)[rows]
+
+
 def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_params, step: int) -> dict:
-    """Roll out, score, and update; returns the metrics row with the new state under "state"."""
+    """Roll out, score, and update; returns the metrics row with the new state under "state".
+
+    The phase timings are sequential, each ended by waiting for its device work, so they add up to at
+    most step_time_s: gen_time_s (prompts and sampling), reward_time_s (decoding, rewards,
+    advantages), logprob_time_s (the wait for the old / reference log-prob forwards: they are
+    dispatched before the reward phase and run under it, so this is only the part it did not hide)
+    and update_time_s (the updates, until their metrics are back on the host).
+
+    `kl`: with kl_coef > 0, the updates' KL term (token-weighted over the updates). With kl_coef = 0
+    the term adds nothing to the loss, so the reference forward runs only on sample 0 of each group
+    and `kl` is their token-mean k3 KL to the reference at the step's start (before its updates).
+    """
     t0 = time.perf_counter()
     r = c.rl
     g = r.samples_per_prompt
@@ -203,63 +249,98 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(g)]
     refs = [ref for _, ref in pairs for _ in range(g)]
     key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
-    rollout = sample(cfg, state["params"], prompts, sp, key)
+    budget = max_new_tokens_at(c, step)
+    sp = dataclasses.replace(sp, max_new_tokens=budget)  # this step's stage (equal params reuse the compiled sampler)
+    rollout = jax.block_until_ready(sample(cfg, state["params"], prompts, sp, key))  # dispatch is asynchronous
     t_gen = time.perf_counter()
-    texts = decode_responses(tokenizer, rollout, tokenizer.eos_id)
-    rewards = np.asarray(reward_fn(texts, refs), np.float64).reshape(-1, g)
-    adv = adv_lib.compute(rewards, r.advantage, r.zero_variance)
 
-    arrays = {k: np.asarray(getattr(rollout, k)) for k in ("prompt", "prompt_lengths", "tokens", "mask")}
-    dev = trainer.shard_rows(arrays)
-    trainer_logp = np.asarray(trainer.logprobs(state["params"], dev))
-    sampler_logp = np.asarray(rollout.logprobs)
-    on = arrays["mask"] > 0
-    arrays["old_logp"] = trainer_logp if r.old_logp == "trainer" else sampler_logp
-    arrays["ref_logp"] = np.asarray(trainer.logprobs(ref_params, dev))
-    arrays["advantages"] = adv.advantages.reshape(-1)
+    # The log-prob forwards need only the rollout: dispatched now, they run while the host scores it.
+    dev = trainer.shard_rows({k: getattr(rollout, k) for k in ("prompt", "prompt_lengths", "tokens", "mask")})
+    trainer_logp = trainer.logprobs(state["params"], dev)
+    ref_logp = trainer.logprobs(ref_params, dev) if r.kl_coef else _reference_subset(trainer, ref_params, dev, g)
+    host = jax.device_get(rollout)
+    texts = decode_responses(tokenizer, host, tokenizer.eos_id)
+    rewards = np.asarray(reward_fn(texts, refs), np.float64)
+    if r.overlong.enabled:  # reward functions see texts only: the length penalty is added here
+        penalty = reward_lib.soft_overlong_penalty(host.lengths, *overlong_limits(c, budget))
+        rewards = rewards + penalty
+    rewards = rewards.reshape(-1, g)
+    passed = exact(c, texts, refs)
+    adv = adv_lib.compute(rewards, r.advantage, r.zero_variance)
     weight = adv.weight.reshape(-1)
     if r.mask_truncated:  # DAPO overlong filtering: truncated responses carry no gradient
-        weight = weight * (np.asarray(rollout.finish) != FINISH_LENGTH)
-    arrays["mask"] = arrays["mask"] * weight[:, None]
+        weight = weight * (host.finish != FINISH_LENGTH)
+    pushed = {"mask": host.mask * weight[:, None], "advantages": adv.advantages.reshape(-1)}
+    if r.old_logp == "sampler":
+        pushed["old_logp"] = host.logprobs
+    batch = dict(dev, **trainer.shard_rows(pushed))
+    t_reward = time.perf_counter()
 
-    lr = float(trainer.lr_fn(int(jax.device_get(state["step"]))))  # of this step's first update
-    rows = arrays["mask"].shape[0]
-    order = np.random.default_rng([c.seed, step]).permutation(rows)
-    per = rows // r.updates_per_rollout
+    trainer_logp_host = np.asarray(trainer_logp)  # fetched once, for logp_gap (and the kl_coef = 0 KL)
+    if r.old_logp == "trainer":
+        batch["old_logp"] = trainer_logp  # stays on the device
+    mm = r.mismatch
+    if mm.mode != "none":  # behaviour weights pi_old / pi_sampler, truncated or masked (rl.mismatch)
+        is_weight, mm_metrics = behaviour_weights(
+            trainer_logp_host, host.logprobs, host.mask, mm.mode, mm.level, mm.upper, mm.lower
+        )
+        batch["is_weight"] = trainer.shard_rows({"w": is_weight})["w"]
+    if r.kl_coef:
+        batch["ref_logp"] = jax.block_until_ready(ref_logp)
+    else:
+        kl = _k3_mean(trainer_logp_host[::g], np.asarray(ref_logp), host.mask[::g])
+    t_logp = time.perf_counter()
+
+    n = host.mask.shape[0]
+    order = np.random.default_rng([c.seed, step]).permutation(n)
+    per = n // r.updates_per_rollout
     update_metrics = []
     for u in range(r.updates_per_rollout):
-        idx = order[u * per : (u + 1) * per]
-        state, m = trainer.update(state, trainer.shard_rows({k: v[idx] for k, v in arrays.items()}))
+        state, m = trainer.update(state, trainer.take_rows(batch, order[u * per : (u + 1) * per]))
         update_metrics.append(m)
-    fetched = jax.device_get(update_metrics)
+    # One host sync for the whole phase: the metrics and the counters after the last update.
+    fetched, applied, skipped = jax.device_get((update_metrics, state["step"], state["skipped"]))
+    t_update = time.perf_counter()
+
+    lr = float(trainer.lr_fn(int(applied) - sum(int(m["applied"]) for m in fetched)))  # of this step's first update
     ms = [m for m in fetched if m["tokens"] > 0] or fetched[:1]
     w = np.asarray([m["tokens"] for m in ms], np.float64)
     mean = lambda k: float(np.sum([m[k] * wi for m, wi in zip(ms, w, strict=True)]) / max(w.sum(), 1.0))
-    finish = np.asarray(rollout.finish)
-    lengths = np.asarray(rollout.lengths)
+    on = host.mask > 0
+    gap = np.abs(trainer_logp_host - host.logprobs)[on]
     row = {
         "reward": float(np.nanmean(rewards)) if np.isfinite(rewards).any() else float("nan"),
         "reward_std": float(np.nanstd(rewards)) if np.isfinite(rewards).any() else float("nan"),
-        "pass_rate": float(np.mean(exact(c, texts, refs))),
-        "response_length": float(lengths.mean()),
-        "response_length_max": float(lengths.max()),
-        "truncated_fraction": float(np.mean(finish == FINISH_LENGTH)),
-        "confident_stop_fraction": float(np.mean(finish == FINISH_CONFIDENT)),
+        "pass_rate": float(np.mean(passed)),
+        "response_length": float(host.lengths.mean()),
+        "response_length_max": float(host.lengths.max()),
+        "max_new_tokens": budget,
+        "truncated_fraction": float(np.mean(host.finish == FINISH_LENGTH)),
+        "confident_stop_fraction": float(np.mean(host.finish == FINISH_CONFIDENT)),
         "zero_variance_fraction": float(adv.zero_variance.mean()),
         "invalid_rewards": int(adv.invalid.sum()),
-        "logp_gap": float(np.abs(trainer_logp - sampler_logp)[on].mean()) if on.any() else 0.0,
-        "logp_gap_max": float(np.abs(trainer_logp - sampler_logp)[on].max()) if on.any() else 0.0,
+        "logp_gap": float(gap.mean()) if on.any() else 0.0,
+        "logp_gap_max": float(gap.max()) if on.any() else 0.0,
         "lr": lr,
-        "skipped_updates": int(jax.device_get(state["skipped"])),
+        "skipped_updates": int(skipped),
         "gen_time_s": t_gen - t0,
-        "step_time_s": time.perf_counter() - t0,
-        "gen_tokens_per_s": float(lengths.sum()) / max(t_gen - t0, 1e-9),
+        "reward_time_s": t_reward - t_gen,
+        "logprob_time_s": t_logp - t_reward,
+        "update_time_s": t_update - t_logp,
+        "gen_tokens_per_s": float(host.lengths.sum()) / max(t_gen - t0, 1e-9),
     }
     for k in ("loss", "pg_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "grad_norm", "aux_loss"):
         if k in ms[0]:
             row[k] = mean(k)  # token-weighted over this step's updates
+    if not r.kl_coef:
+        row["kl"] = kl
+    if mm.mode != "none":
+        row.update(mm_metrics)  # logp_gap (before) beside logp_gap_corrected (what the update still sees)
+    if r.overlong.enabled:
+        row["overlong_penalty"] = float(penalty.mean())  # included in `reward`
     row["empty_updates"] = r.updates_per_rollout - int(np.sum(w > 0))
     row["ratio_max"] = float(max(m["ratio_max"] for m in ms))
     row["ratio_min"] = float(min(m["ratio_min"] for m in ms))
     row["state"] = state
+    row["step_time_s"] = time.perf_counter() - t0
     return row

@@ -9,6 +9,7 @@ programming error and raises KeyError naming the reward and the key.
 Registered: "task" (exact answer of the embedded task family), "positions" (per-character partial
 credit), "format" (one think block, then an answer), "math" (math_verify equivalence), "code"
 (program + asserts run in `rl.sandbox`). `combine({"task": 1.0, "format": 0.1})` is a weighted sum.
+`soft_overlong_penalty` scores response lengths, not texts: `rl.loop` adds it (config.rl.overlong).
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ def combine(weights: Mapping[str, float]) -> RewardFn:
 
     combined.__name__ = "combine(" + ",".join(f"{k}:{v:g}" for k, v in weights.items()) + ")"
     return combined
+
+
+def soft_overlong_penalty(lengths, max_length: int, buffer: int) -> np.ndarray:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13) of responses of `lengths` tokens,
+    float64: 0 for L <= max_length - buffer, (max_length - buffer - L) / buffer up to L = max_length
+    (so -1 there), and -1 beyond. It grades the length a response may use before the hard cut at
+    max_new_tokens instead of treating every cut response like a wrong one."""
+    if not 1 <= buffer <= max_length:
+        raise ValueError(f"soft_overlong_penalty: need 1 <= buffer <= max_length, got buffer={buffer}, {max_length=}")
+    lengths = np.asarray(lengths, np.float64)
+    return np.clip((max_length - buffer - lengths) / buffer, -1.0, 0.0)
 
 
 def _check_lengths(completions: Sequence[Any], refs: Sequence[Any], reward: str) -> None:

@@ -1,9 +1,12 @@
-"""Rollouts: batched sampling with the hybrid cache, returning each token's log-probability.
+"""Rollouts: sampling with the hybrid cache, returning each token's log-probability.
 
 The log-probabilities are those of the distribution the token was actually drawn from (after
 temperature, top-k and top-p, computed in fp32 from the fp32 LM head), so with top_k = 0 and
-top_p = 1 they equal the trainer's recomputation `sequence_logprobs` at the same temperature. The
-decode loop is one jitted `lax.while_loop` that exits as soon as every row has finished.
+top_p = 1 they equal the trainer's recomputation `sequence_logprobs` at the same temperature.
+`sample` runs on the rollout engine (`rl.engine`: continuous batching over `slots` decode slots,
+one prefill per group of identical prompts); `sample_fixed` is the earlier fixed-batch sampler
+(one jitted `lax.while_loop` over the whole batch until its longest row ends), kept as the
+baseline of `experiments/benchmarks/rollout.py`.
 
 A row finishes on a stop token (kept, it is part of the response), at `max_new_tokens`, or, as in
 MiniMax-M1, when `confident_run` consecutive tokens each had model probability (after temperature,
@@ -23,9 +26,11 @@ import numpy as np
 from m1jax.config import ModelConfig
 from m1jax.generate import decode_step, left_pad, prefill, process_logits
 from m1jax.model import M1Model, check_tokens
+from rl import engine
+from rl.engine import FINISH_CONFIDENT, FINISH_LENGTH, FINISH_STOP
 
 _F32 = jnp.float32
-FINISH_STOP, FINISH_LENGTH, FINISH_CONFIDENT = 0, 1, 2
+__all__ = ["FINISH_CONFIDENT", "FINISH_LENGTH", "FINISH_STOP", "Rollout", "SamplingParams", "sample", "sample_fixed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +44,11 @@ class SamplingParams:
     pad_id: int = 0
     confident_run: int = 0
     confident_prob: float = 0.99
+    slots: int | None = None  # rollout-engine decode slots; None = one per row (every sample in flight)
 
     def __post_init__(self):
+        if self.slots is not None and self.slots < 1:
+            raise ValueError(f"slots must be >= 1 (or None: one per row), got {self.slots}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.greedy and not self.temperature > 0:
@@ -61,17 +69,40 @@ class Rollout(NamedTuple):
     finish: jax.Array  # [B] FINISH_STOP | FINISH_LENGTH | FINISH_CONFIDENT
 
 
-def sample(cfg: ModelConfig, params, prompts, sp: SamplingParams, rng, *, pad_multiple: int = 32) -> Rollout:
-    """Sample one response per prompt (repeat prompts for G per group). prompts: ragged id lists.
+def sample(
+    cfg: ModelConfig, params, prompts, sp: SamplingParams, rng, *, pad_multiple: int = 32, stats=None
+) -> Rollout:
+    """Sample one response per prompt (repeat a prompt G times in a row for a group of G: the
+    engine prefills it once). prompts: ragged id lists. Runs on the rollout engine with
+    `sp.slots` decode slots; a sample's tokens depend on its row index, the key and the
+    parameters only (not on the slot count). `stats`: an `engine.Stats` to count the work.
 
     The padded prompt length is rounded up to a multiple of `pad_multiple`, so batches of
-    different prompt lengths share a compiled program.
+    different prompt lengths share compiled programs.
     """
+    tokens, lengths = _padded(cfg, prompts, sp, pad_multiple)
+    rows = [tokens[i, tokens.shape[1] - lengths[i] :] for i in range(len(lengths))]
+    slots = sp.slots if sp.slots is not None else len(rows)
+    toks, logp, length, finish = engine.run(
+        cfg, sp, params, rows, rng, slots=slots, pad_multiple=pad_multiple, stats=stats
+    )
+    mask = (np.arange(sp.max_new_tokens)[None, :] < length[:, None]).astype(np.float32)
+    return Rollout(tokens, lengths, toks, logp * mask, mask, length, finish)
+
+
+def sample_fixed(cfg: ModelConfig, params, prompts, sp: SamplingParams, rng, *, pad_multiple: int = 32) -> Rollout:
+    """The fixed-batch sampler: every row decodes until the longest has finished (one key per step
+    for the whole batch, so a row's tokens depend on its batch-mates). The engine's baseline."""
+    tokens, lengths = _padded(cfg, prompts, sp, pad_multiple)
+    return _sample(cfg, sp, params, jnp.asarray(tokens), jnp.asarray(lengths), rng)
+
+
+def _padded(cfg, prompts, sp: SamplingParams, pad_multiple: int):
     tokens, lengths = left_pad(prompts, sp.pad_id)
     extra = -tokens.shape[1] % pad_multiple
     tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=sp.pad_id)
     check_tokens(tokens, cfg.vocab_size)
-    return _sample(cfg, sp, params, jnp.asarray(tokens), jnp.asarray(lengths), rng)
+    return tokens, lengths
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -3,7 +3,9 @@
 A minibatch is a dict of row-aligned arrays (rows sharded over the data-parallel mesh axes):
   prompt [B, T] (left-padded), prompt_lengths [B], tokens [B, N], mask [B, N] (response tokens
   that enter the loss: the response mask times the sample's weight), old_logp [B, N],
-  ref_logp [B, N], advantages [B].
+  advantages [B], optionally is_weight [B, N] (the behaviour weights of `rl.mismatch`, which scale
+  each token's advantage), and ref_logp [B, N] where kl_coef > 0 (without it the update reports no "kl":
+  with kl_coef = 0 the term adds nothing, so the reference forward is not needed for the update).
 The loss is normalised by the minibatch's *global* token (or sequence) count, computed before
 it is split into micro-batches, so accumulation and data parallelism leave it unchanged.
 """
@@ -41,8 +43,18 @@ def _combine_metrics(ms: dict, weights) -> dict:
     return out
 
 
+def _advantages(b: dict):
+    """[B] advantages, or [B, N] scaled per token by the mismatch weights (>= 0; every objective is
+    linear in a non-negative advantage scale, so this weights each token's loss)."""
+    if "is_weight" not in b:
+        return b["advantages"]
+    return b["advantages"][:, None] * b["is_weight"]
+
+
 def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature, kl_coef, aux, micro, state, mb):
     """One optimizer update on minibatch `mb` (accumulated over `micro` micro-batches)."""
+    if kl_coef and "ref_logp" not in mb:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logp in the minibatch")
     loss_fn = losses.get(loss_name)
     agg = losses.knobs(loss_name, **loss_kw).aggregation
     mask = mb["mask"]
@@ -55,9 +67,9 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
         value, m = loss_fn(
             logp,
             b["old_logp"],
-            b["advantages"],
+            _advantages(b),
             b["mask"],
-            ref_logp=b["ref_logp"],
+            ref_logp=b.get("ref_logp"),
             kl_coef=kl_coef,
             denom=denom,
             **loss_kw,
@@ -123,6 +135,11 @@ class RLTrainer(Engine):
             functools.partial(rollout_logprobs, cfg, temperature),
             out_shardings=None,
             compiler_options=self.compiler_options,
+        )
+        # Rows `idx` of every array, gathered on the device into the row sharding (the minibatches of a
+        # rollout batch that lives on the device; one sharding serves every rank: trailing dims replicate).
+        self.take_rows = self.jit(
+            lambda arrays, idx: jax.tree.map(lambda v: v[idx], arrays), None, self.row_sharding(1)
         )
 
     def shard_rows(self, arrays: dict) -> dict:
