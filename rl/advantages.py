@@ -66,8 +66,13 @@ def group_no_std(r, valid, eps: float = 1e-6):
     return r - _group_stats(r, valid)[0]
 
 
-def compute(rewards, estimator: str = "group", zero_variance: str = "drop", eps: float = 1e-6) -> Advantages:
-    """rewards [P, G] -> Advantages. See the module docstring."""
+def compute(
+    rewards, estimator: str = "group", zero_variance: str = "drop", eps: float = 1e-6, signal=None
+) -> Advantages:
+    """rewards [P, G] -> Advantages. See the module docstring. `signal` [P, G]: the rewards whose
+    spread decides which groups carry no signal (default: `rewards`); pass the task reward when
+    `rewards` adds a shaping term, as DAPO filters groups on accuracy, not on its length penalty
+    (a group all right or all wrong stays out, however its lengths differ)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; available: {', '.join(sorted(ESTIMATORS))}")
     if zero_variance not in ("drop", "keep"):
@@ -77,7 +82,8 @@ def compute(rewards, estimator: str = "group", zero_variance: str = "drop", eps:
         raise ValueError(f"rewards must be [prompts, samples per prompt], got shape {r.shape}")
     valid = np.isfinite(r)
     r = np.where(valid, r, 0.0)
-    spread = np.where(valid, r, -np.inf).max(-1) - np.where(valid, r, np.inf).min(-1)
+    q = r if signal is None else np.where(valid, np.asarray(signal, np.float64).reshape(r.shape), 0.0)
+    spread = np.where(valid, q, -np.inf).max(-1) - np.where(valid, q, np.inf).min(-1)
     zero_var = ~(spread > 1e-9)  # also true for groups with < 2 valid samples or none
     adv = np.where(valid, ESTIMATORS[estimator](r, valid, eps), 0.0)
     adv = np.where(zero_var[:, None], 0.0, adv)

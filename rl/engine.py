@@ -16,7 +16,9 @@ call's R samples [R, N]. Two jitted programs act on it:
 Shapes are static per call (S, R, N, max_len, Pb, Q rounded up to a power of two); slot ids,
 sample ids and counts are traced, so refilling a slot never recompiles. Token t of sample j is
 drawn with key fold_in(fold_in(rng, j), t): a sample's tokens depend on its id and the
-parameters, not on its slot, its batch-mates or the slot count.
+parameters, not on its slot, its batch-mates or the slot count (up to floating-point rounding:
+the padding bucket and batch of the prefill that started it vary with the slot count, which can
+move a logit in its last bits).
 """
 
 from __future__ import annotations

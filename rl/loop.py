@@ -260,13 +260,14 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     ref_logp = trainer.logprobs(ref_params, dev) if r.kl_coef else _reference_subset(trainer, ref_params, dev, g)
     host = jax.device_get(rollout)
     texts = decode_responses(tokenizer, host, tokenizer.eos_id)
-    rewards = np.asarray(reward_fn(texts, refs), np.float64)
+    task = np.asarray(reward_fn(texts, refs), np.float64).reshape(-1, g)
+    rewards = task
     if r.overlong.enabled:  # reward functions see texts only: the length penalty is added here
         penalty = reward_lib.soft_overlong_penalty(host.lengths, *overlong_limits(c, budget))
-        rewards = rewards + penalty
-    rewards = rewards.reshape(-1, g)
+        rewards = task + penalty.reshape(-1, g)
     passed = exact(c, texts, refs)
-    adv = adv_lib.compute(rewards, r.advantage, r.zero_variance)
+    # Groups without signal are judged on the task reward (DAPO filters on accuracy, not on length).
+    adv = adv_lib.compute(rewards, r.advantage, r.zero_variance, signal=task)
     weight = adv.weight.reshape(-1)
     if r.mask_truncated:  # DAPO overlong filtering: truncated responses carry no gradient
         weight = weight * (host.finish != FINISH_LENGTH)

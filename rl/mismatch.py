@@ -39,12 +39,13 @@ def behaviour_weights(trainer_logp, sampler_logp, mask, mode: str, level: str, u
         if level == "geometric":
             s = s / np.maximum(on.sum(-1, keepdims=True), 1)
         s = np.broadcast_to(s, d.shape)
+    log_lo = np.log(lower) if lower > 0 else -np.inf  # lower 0: no lower bound
     if mode == "none":
         c = np.ones_like(d)
     elif mode == "tis":
         c = np.exp(np.minimum(s, np.log(upper)))
     else:
-        c = ((s >= np.log(lower)) & (s <= np.log(upper))).astype(np.float64)
+        c = ((s >= log_lo) & (s <= np.log(upper))).astype(np.float64)
     c = np.where(on, c, 0.0)
     kept = on & (c > 0)
     n = max(int(on.sum()), 1)

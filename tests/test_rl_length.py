@@ -149,3 +149,17 @@ def test_a_schedule_run_and_its_resume_into_the_longer_stage(tmp_path, monkeypat
             np.testing.assert_allclose(y[k], x[k], rtol=1e-6, atol=1e-7, err_msg=k)
     for k, d in sa["change"].items():  # initial at budget 3, final at 6, in both
         assert sb["change"][k]["delta"] == pytest.approx(d["delta"], abs=1e-6), k
+
+
+def test_groups_without_task_signal_stay_out_whatever_the_length_penalty():
+    # DAPO filters groups on accuracy: an all-correct group whose lengths straddle the penalty's
+    # ramp must not be kept (its std-normalised advantages would be all length).
+    from rl import advantages
+
+    task = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
+    shaped = task + np.array([[0.0, 0.0, 0.0, -0.01], [0.0, -0.5, 0.0, 0.0]])
+    judged = advantages.compute(shaped, "group", "drop", signal=task)
+    assert judged.zero_variance.tolist() == [True, False]
+    assert np.all(judged.weight[0] == 0) and np.all(judged.advantages[0] == 0)
+    assert np.all(judged.advantages[1] == advantages.compute(shaped, "group", "drop").advantages[1])
+    assert not advantages.compute(shaped, "group", "drop").zero_variance[0]  # without it: kept

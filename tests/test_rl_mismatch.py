@@ -130,3 +130,12 @@ def test_an_injected_sampler_mismatch_is_masked_and_reported(tmp_path, monkeypat
         assert 0.2 < r["is_masked_fraction"] < 0.5, r
         assert r["logp_gap"] > 0.1 and r["logp_gap_corrected"] < 1e-4  # the kept tokens agree
         assert np.isfinite(r["loss"]) and r["grad_norm"] > 0
+
+
+def test_lower_bound_zero_means_none_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c, _ = behaviour_weights(TRAINER - 5.0, SAMPLER, MASK, "mis", "token", 2.0, 0.0)
+    assert np.all(c[MASK > 0] == 1.0)  # far below: kept, no lower bound
