@@ -44,6 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
     r.old_logp = "trainer"  # recomputed by the trainer in fp32, or the sampler's
     r.mask_truncated = False  # DAPO overlong filtering: no gradient from responses cut at max_new_tokens
     r.aux_loss = True  # keep the MoE load-balancing loss
+    # Asynchronous off-policy RL (rl.worker): the batch of step s is sampled by the policy of step
+    # max(0, s - max_staleness) in a rollout thread while the learner trains; 0 = synchronous.
+    # > 0 needs the behaviour policy in the ratio: old_logp "sampler", or a mismatch correction.
+    r.max_staleness = 0
+    # Devices of the rollouts, taken after the learner's `mesh`: axis sizes, all 0 = none (rollouts
+    # time-slice the learner's devices); once any axis is set, the unset ones count 1.
+    r.rollout_mesh = ml_collections.ConfigDict({a: 0 for a in c.mesh})
     r.reward = "task"  # rewards by name:weight, e.g. "task:1.0,format:0.1"
     r.sampling = ml_collections.ConfigDict(
         {
@@ -140,6 +147,12 @@ def overlong_limits(c, budget: int) -> tuple[int, int]:
     return top, o.buffer or max(1, top // 5)
 
 
+def rollout_axes(c) -> dict[str, int] | None:
+    """The axis sizes of `rl.rollout_mesh`, or None when it is unset (rollouts share `mesh`)."""
+    axes = {a: int(n) for a, n in c.rl.rollout_mesh.items()}
+    return {a: n or 1 for a, n in axes.items()} if any(axes.values()) else None
+
+
 def loss_kwargs(c) -> dict:
     """The knobs of the configured loss, as its keyword arguments."""
     return dict(c.rl[c.rl.loss])
@@ -202,6 +215,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "needs the sampler's log-probs of the untruncated distribution (top_p = 1, top_k = 0)",
         )
     need(r.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
+    need(int(r.max_staleness) == r.max_staleness >= 0, "rl.max_staleness", "must be an integer >= 0 (0 = synchronous)")
+    need(
+        r.max_staleness == 0 or r.old_logp == "sampler" or m.mode != "none",
+        "rl.max_staleness",
+        "> 0 samples with an older policy, so the ratio must involve its log-probs: set rl.old_logp='sampler', "
+        "or keep 'trainer' with a behaviour correction (rl.mismatch.mode 'tis' or 'mis')",
+    )
+    for a, n in r.rollout_mesh.items():
+        need(a in c.mesh, f"rl.rollout_mesh.{a}", f"is not a mesh axis (axes: {', '.join(c.mesh)})")
+        need(int(n) == n >= 0, f"rl.rollout_mesh.{a}", "must be an integer >= 0 (all 0 = share the learner's mesh)")
+    if rollout_axes(c) is not None:
+        need(
+            all(n != -1 for n in c.mesh.values()),
+            "rl.rollout_mesh",
+            "needs devices beside the learner's: `mesh` must not take all of them with -1",
+        )
     need(c.data.source in SOURCES, "data.source", f"must be one of {SOURCES}")
     unknown = sorted(set(reward_weights(r.reward)) - set(rewards.available()))
     need(not unknown, "rl.reward", f"unknown reward(s) {unknown}; available: {', '.join(rewards.available())}")

@@ -38,14 +38,16 @@ from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
 from m1jax.train.config import load_stored, model_config
 from m1jax.train.run import Run
-from rl import advantages as adv_lib
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
-from rl.config import loss_kwargs, max_new_tokens_at, overlong_limits, reward_weights, validate
-from rl.evaluate import decode_responses, evaluate, exact, paired_change
+from rl import rollouts
+from rl.config import loss_kwargs, max_new_tokens_at, reward_weights, rollout_axes, validate
+from rl.evaluate import evaluate, paired_change
 from rl.mismatch import behaviour_weights
+from rl.rollouts import ROLLOUT_KEYS, Producer
 from rl.sampler import FINISH_CONFIDENT, FINISH_LENGTH, SamplingParams, sample
 from rl.step import RLTrainer
+from rl.worker import RolloutWorker
 
 log = logging.getLogger("m1jax")
 
@@ -142,6 +144,46 @@ def initial_state(trainer: RLTrainer, tx, seed: int, init_params=None) -> dict:
     return state
 
 
+def make_rollout_mesh(c, mesh):
+    """The mesh of `rl.rollout_mesh` on the devices after the learner's, or `mesh` itself when it is
+    unset (rollouts and learner time-slice the same devices)."""
+    axes = rollout_axes(c)
+    if axes is None:
+        return mesh
+    used = set(mesh.devices.flat)
+    rest = [d for d in jax.devices() if d not in used]
+    need = int(np.prod(list(axes.values())))
+    if need > len(rest):
+        raise ValueError(
+            f"config.rl.rollout_mesh={axes} needs {need} devices beside the learner's mesh {dict(mesh.shape)}, "
+            f"but only {len(rest)} of the {jax.device_count()} devices are left"
+        )
+    return shd.mesh_from_config(axes, rest)
+
+
+def start_worker(c, cfg, producer: Producer, rollout_mesh, *, step: int, data, params, workdir: str):
+    """The running `RolloutWorker` of a run at `step`: the batches its checkpoint saved are restored
+    and version `step` (`params`) is published. `rollout_mesh` None = the learner's devices."""
+
+    def place(params):  # a copy on the rollout devices: the learner donates its own to the next update
+        if rollout_mesh is None:
+            return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), params))
+        return jax.block_until_ready(jax.device_put(params, shd.param_shardings(cfg, rollout_mesh)))
+
+    saved = (data or {}).get("rollouts", 0)
+    batches = rollouts.load(workdir, step, saved) if saved else []
+    if step and len(batches) < min(c.rl.max_staleness, c.steps - step):
+        log.warning(
+            f"resuming at step {step} with {len(batches)} saved rollout batch(es) for max_staleness="
+            f"{c.rl.max_staleness}: the versions before step {step} are gone, so the next batches are "
+            f"sampled by version {step} (less stale than in an uninterrupted run)"
+        )
+    k = c.rl.max_staleness
+    worker = RolloutWorker(producer, start=step, stop=c.steps, staleness=k, floor=step, place=place, saved=batches)
+    worker.publish(step, params)
+    return worker
+
+
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
     """Run (or resume) RL per config `c` in `workdir`. Returns a summary dict.
 
@@ -154,6 +196,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     if (done := run.finished()) is not None:  # nothing built, restored or written
         return dict(done, workdir=workdir, start_step=done["end_step"], stopped_by=None, complete=True)
     mesh = shd.mesh_from_config(dict(c.mesh))
+    rollout_mesh = make_rollout_mesh(c, mesh)
     parts = setup(c, mesh)
     cfg, tokenizer, reward_fn, sp = parts.cfg, parts.tokenizer, parts.reward_fn, parts.sampling
     dp = batch_parallel(mesh.shape)
@@ -167,7 +210,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     trainer, tx = make_trainer(c, cfg, mesh)
     fresh = initial_state(trainer, tx, c.seed, parts.init_params)
     ref_params = jax.tree.map(lambda x: x.copy(), fresh["params"])  # the frozen reference policy
-    state, start, _ = run.begin(trainer.abstract_state, lambda: fresh)
+    state, start, data = run.begin(trainer.abstract_state, lambda: fresh)
     summary = {"workdir": workdir, "start_step": start, "stopped_by": None}
     first_pp, last_pp, last_eval = {}, {}, {}
     budget = lambda step: max_new_tokens_at(c, max(step - 1, 0))  # of the policy after `step` steps: its last stage
@@ -176,8 +219,29 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         run.writer.write(0, first)
         summary["initial"] = first
 
+    worker = None
+    if r.max_staleness or rollout_mesh is not mesh:  # rollouts in a thread, `max_staleness` versions behind
+        producer = Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample)
+        own = None if rollout_mesh is mesh else rollout_mesh
+        worker = start_worker(c, cfg, producer, own, step=start, data=data, params=state["params"], workdir=workdir)
+
+    def data_state(step):
+        d = {"step": step}
+        if worker is not None:  # the batches sampled by versions this checkpoint cannot recreate
+            batches = worker.pending(step, min(step + r.max_staleness, c.steps))
+            if run.primary:
+                rollouts.save(workdir, step, batches, keep=run.ckpt.steps())
+            d["rollouts"] = len(batches)
+        return d
+
     def body(state, step):
-        row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step)
+        if worker is None:
+            row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step)
+        else:
+            t0 = time.perf_counter()
+            batch, _ = worker.get(step)
+            row = learn(c, trainer, state, ref_params, batch, t0=t0)
+            worker.publish(step + 1, row["state"]["params"])
         state = row.pop("state")
         step += 1
         if step % c.log.every == 0 or step == c.steps:
@@ -191,7 +255,11 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             run.bar.set_postfix(reward=f"{row['reward']:.3f}", len=f"{row['response_length']:.0f}", refresh=False)
         return state
 
-    state, step = run.loop(state, start, body, lambda step: {"step": step}, stop_at=stop_at)
+    try:
+        state, step = run.loop(state, start, body, data_state, stop_at=stop_at)
+    finally:
+        if worker is not None:
+            worker.close()
     summary.update(end_step=step, checkpoints=run.ckpt.steps(), state=state, stopped_by=run.stopped_by)
     if run.stopped_by:
         run.close()
@@ -227,8 +295,18 @@ def _reference_subset(trainer: RLTrainer, ref_params, dev: dict, g: int):
     return trainer.logprobs(ref_params, dev)[rows]
 
 
+def _dispatch_logprobs(c, trainer: RLTrainer, params, ref_params, dev: dict):
+    """(trainer log-probs [R, N], reference log-probs [R, N] or [P, N]) of the rollout rows `dev`,
+    dispatched (not waited for): with kl_coef = 0 the reference forward covers sample 0 of each group."""
+    g = c.rl.samples_per_prompt
+    trainer_logp = trainer.logprobs(params, dev)
+    ref_logp = trainer.logprobs(ref_params, dev) if c.rl.kl_coef else _reference_subset(trainer, ref_params, dev, g)
+    return trainer_logp, ref_logp
+
+
 def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_params, step: int) -> dict:
-    """Roll out, score, and update; returns the metrics row with the new state under "state".
+    """One synchronous step (max_staleness = 0): roll out with the current policy, score, and update;
+    returns the metrics row with the new state under "state".
 
     The phase timings are sequential, each ended by waiting for its device work, so they add up to at
     most step_time_s: gen_time_s (prompts and sampling), reward_time_s (decoding, rewards,
@@ -241,63 +319,59 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     and `kl` is their token-mean k3 KL to the reference at the step's start (before its updates).
     """
     t0 = time.perf_counter()
+    producer = Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample)
+    rollout, refs, budget = producer.generate(state["params"], step)
+    t_gen = time.perf_counter()
+    # The log-prob forwards need only the rollout: dispatched now, they run while the host scores it.
+    dev = trainer.shard_rows({k: getattr(rollout, k) for k in (*ROLLOUT_KEYS, "mask")})
+    logps = _dispatch_logprobs(c, trainer, state["params"], ref_params, dev)
+    batch = producer.score(jax.device_get(rollout), refs, budget, step=step, version=step, gen_time_s=t_gen - t0)
+    return learn(c, trainer, state, ref_params, batch, t0=t0, t_gen=t_gen, dev=dev, logps=logps)
+
+
+def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t_gen=None, dev=None, logps=None):
+    """The learner's half of a step on a rollout `batch` (`rl.rollouts`): old / reference log-probs,
+    the minibatch updates, the metrics row (new state under "state").
+
+    Synchronous steps (`rl_step`) pass `t_gen` (when sampling ended) and the rollout rows `dev` with
+    their log-prob forwards already dispatched. Batches from the rollout worker come without them:
+    their gen / reward times are the worker's, and `rollout_wait_s` is the learner's wait for it."""
     r = c.rl
     g = r.samples_per_prompt
-    pairs = prompt_lib.batch(
-        c.data.source, c.data.seed, step, r.prompts_per_step, tasks=c.data.tasks, toy_length=c.data.toy_length
-    )
-    prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(g)]
-    refs = [ref for _, ref in pairs for _ in range(g)]
-    key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
-    budget = max_new_tokens_at(c, step)
-    sp = dataclasses.replace(sp, max_new_tokens=budget)  # this step's stage (equal params reuse the compiled sampler)
-    rollout = jax.block_until_ready(sample(cfg, state["params"], prompts, sp, key))  # dispatch is asynchronous
-    t_gen = time.perf_counter()
-
-    # The log-prob forwards need only the rollout: dispatched now, they run while the host scores it.
-    dev = trainer.shard_rows({k: getattr(rollout, k) for k in ("prompt", "prompt_lengths", "tokens", "mask")})
-    trainer_logp = trainer.logprobs(state["params"], dev)
-    ref_logp = trainer.logprobs(ref_params, dev) if r.kl_coef else _reference_subset(trainer, ref_params, dev, g)
-    host = jax.device_get(rollout)
-    texts = decode_responses(tokenizer, host, tokenizer.eos_id)
-    task = np.asarray(reward_fn(texts, refs), np.float64).reshape(-1, g)
-    rewards = task
-    if r.overlong.enabled:  # reward functions see texts only: the length penalty is added here
-        penalty = reward_lib.soft_overlong_penalty(host.lengths, *overlong_limits(c, budget))
-        rewards = task + penalty.reshape(-1, g)
-    passed = exact(c, texts, refs)
-    # Groups without signal are judged on the task reward (DAPO filters on accuracy, not on length).
-    adv = adv_lib.compute(rewards, r.advantage, r.zero_variance, signal=task)
-    weight = adv.weight.reshape(-1)
-    if r.mask_truncated:  # DAPO overlong filtering: truncated responses carry no gradient
-        weight = weight * (host.finish != FINISH_LENGTH)
-    pushed = {"mask": host.mask * weight[:, None], "advantages": adv.advantages.reshape(-1)}
+    step = int(batch["step"])
+    mask, sampler_logp = batch["response_mask"], batch["logprobs"]
+    t_start = time.perf_counter()
+    if dev is None:
+        dev = trainer.shard_rows({k: batch[k] for k in ROLLOUT_KEYS} | {"mask": mask})
+        logps = _dispatch_logprobs(c, trainer, state["params"], ref_params, dev)
+    trainer_logp, ref_logp = logps
+    pushed = {"mask": mask * batch["weight"][:, None], "advantages": batch["advantages"]}
     if r.old_logp == "sampler":
-        pushed["old_logp"] = host.logprobs
-    batch = dict(dev, **trainer.shard_rows(pushed))
+        pushed["old_logp"] = sampler_logp
+    train_batch = dict(dev, **trainer.shard_rows(pushed))
     t_reward = time.perf_counter()
 
     trainer_logp_host = np.asarray(trainer_logp)  # fetched once, for logp_gap (and the kl_coef = 0 KL)
     if r.old_logp == "trainer":
-        batch["old_logp"] = trainer_logp  # stays on the device
+        train_batch["old_logp"] = trainer_logp  # stays on the device
     mm = r.mismatch
     if mm.mode != "none":  # behaviour weights pi_old / pi_sampler, truncated or masked (rl.mismatch)
         is_weight, mm_metrics = behaviour_weights(
-            trainer_logp_host, host.logprobs, host.mask, mm.mode, mm.level, mm.upper, mm.lower
+            trainer_logp_host, sampler_logp, mask, mm.mode, mm.level, mm.upper, mm.lower
         )
-        batch["is_weight"] = trainer.shard_rows({"w": is_weight})["w"]
+        train_batch["is_weight"] = trainer.shard_rows({"w": is_weight})["w"]
     if r.kl_coef:
-        batch["ref_logp"] = jax.block_until_ready(ref_logp)
+        train_batch["ref_logp"] = jax.block_until_ready(ref_logp)
     else:
-        kl = _k3_mean(trainer_logp_host[::g], np.asarray(ref_logp), host.mask[::g])
+        kl = _k3_mean(trainer_logp_host[::g], np.asarray(ref_logp), mask[::g])
     t_logp = time.perf_counter()
 
-    n = host.mask.shape[0]
+    n = mask.shape[0]
     order = np.random.default_rng([c.seed, step]).permutation(n)
     per = n // r.updates_per_rollout
     update_metrics = []
     for u in range(r.updates_per_rollout):
-        state, m = trainer.update(state, trainer.take_rows(batch, order[u * per : (u + 1) * per]))
+        state, m = trainer.update(state, trainer.take_rows(train_batch, order[u * per : (u + 1) * per]))
         update_metrics.append(m)
     # One host sync for the whole phase: the metrics and the counters after the last update.
     fetched, applied, skipped = jax.device_get((update_metrics, state["step"], state["skipped"]))
@@ -307,28 +381,39 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     ms = [m for m in fetched if m["tokens"] > 0] or fetched[:1]
     w = np.asarray([m["tokens"] for m in ms], np.float64)
     mean = lambda k: float(np.sum([m[k] * wi for m, wi in zip(ms, w, strict=True)]) / max(w.sum(), 1.0))
-    on = host.mask > 0
-    gap = np.abs(trainer_logp_host - host.logprobs)[on]
+    on = mask > 0
+    gap = np.abs(trainer_logp_host - sampler_logp)[on]
+    rewards, lengths, finish = batch["rewards"], batch["lengths"], batch["finish"]
+    finite = np.isfinite(rewards).any()
+    if t_gen is None:  # a worker's batch: its own phase times, and the learner's wait for it
+        times = {"gen_time_s": float(batch["gen_time_s"]), "reward_time_s": float(batch["reward_time_s"])}
+        times["rollout_wait_s"] = t_start - t0
+        gen_s = times["gen_time_s"]
+    else:
+        times = {"gen_time_s": t_gen - t0, "reward_time_s": t_reward - t_gen}
+        gen_s = t_gen - t0
+    staleness = step - int(batch["version"])  # one version per batch: every token has this staleness
     row = {
-        "reward": float(np.nanmean(rewards)) if np.isfinite(rewards).any() else float("nan"),
-        "reward_std": float(np.nanstd(rewards)) if np.isfinite(rewards).any() else float("nan"),
-        "pass_rate": float(np.mean(passed)),
-        "response_length": float(host.lengths.mean()),
-        "response_length_max": float(host.lengths.max()),
-        "max_new_tokens": budget,
-        "truncated_fraction": float(np.mean(host.finish == FINISH_LENGTH)),
-        "confident_stop_fraction": float(np.mean(host.finish == FINISH_CONFIDENT)),
-        "zero_variance_fraction": float(adv.zero_variance.mean()),
-        "invalid_rewards": int(adv.invalid.sum()),
+        "reward": float(np.nanmean(rewards)) if finite else float("nan"),
+        "reward_std": float(np.nanstd(rewards)) if finite else float("nan"),
+        "pass_rate": float(np.mean(batch["passed"])),
+        "response_length": float(lengths.mean()),
+        "response_length_max": float(lengths.max()),
+        "max_new_tokens": int(batch["budget"]),
+        "truncated_fraction": float(np.mean(finish == FINISH_LENGTH)),
+        "confident_stop_fraction": float(np.mean(finish == FINISH_CONFIDENT)),
+        "zero_variance_fraction": float(batch["zero_variance"].mean()),
+        "invalid_rewards": int(batch["invalid"].sum()),
         "logp_gap": float(gap.mean()) if on.any() else 0.0,
         "logp_gap_max": float(gap.max()) if on.any() else 0.0,
         "lr": lr,
         "skipped_updates": int(skipped),
-        "gen_time_s": t_gen - t0,
-        "reward_time_s": t_reward - t_gen,
+        "staleness_mean": float(staleness),
+        "staleness_max": staleness,
+        **times,
         "logprob_time_s": t_logp - t_reward,
         "update_time_s": t_update - t_logp,
-        "gen_tokens_per_s": float(host.lengths.sum()) / max(t_gen - t0, 1e-9),
+        "gen_tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
     }
     for k in ("loss", "pg_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "grad_norm", "aux_loss"):
         if k in ms[0]:
@@ -338,7 +423,7 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     if mm.mode != "none":
         row.update(mm_metrics)  # logp_gap (before) beside logp_gap_corrected (what the update still sees)
     if r.overlong.enabled:
-        row["overlong_penalty"] = float(penalty.mean())  # included in `reward`
+        row["overlong_penalty"] = float(batch["penalty"].mean())  # included in `reward`
     row["empty_updates"] = r.updates_per_rollout - int(np.sum(w > 0))
     row["ratio_max"] = float(max(m["ratio_max"] for m in ms))
     row["ratio_min"] = float(min(m["ratio_min"] for m in ms))
