@@ -21,25 +21,35 @@ from m1jax.config import ModelConfig
 from m1jax.model import M1Model, check_tokens
 
 
-def prefill(cfg: ModelConfig, params, tokens, max_len: int, *, lengths=None):
+def prefill(cfg: ModelConfig, params, tokens, max_len: int, *, lengths=None, record_routes: bool = False):
     """Run the prompt. tokens [B, T] (left-padded when `lengths` [B] is given).
 
-    Returns (logits fp32 [B, T, V], cache with `max_len` slots). Jittable (cfg, max_len static).
+    Returns (logits fp32 [B, T, V], cache with `max_len` slots), and with `record_routes` also the
+    experts each token was routed to, [B, T, L, k] int32 (router replay). Jittable (cfg, max_len static).
     """
     t = tokens.shape[1]
     if max_len < t:
         raise ValueError(f"prefill: max_len={max_len} is shorter than the prompt length {t}")
     start = None if lengths is None else (t - jnp.asarray(lengths, jnp.int32))
-    logits, _, cache = M1Model(cfg).apply(
-        {"params": params}, tokens, mode="prefill", max_len=max_len, start=start, method=M1Model.run
+    logits, aux, cache = M1Model(cfg).apply(
+        {"params": params},
+        tokens,
+        mode="prefill",
+        max_len=max_len,
+        start=start,
+        method=M1Model.run,
+        record_routes=record_routes,
     )
-    return logits, cache
+    return (logits, cache, aux["expert_ids"]) if record_routes else (logits, cache)
 
 
-def decode_step(cfg: ModelConfig, params, cache, tokens):
-    """One token per row: tokens [B, 1] -> (logits fp32 [B, 1, V], updated cache). Jittable."""
-    logits, _, cache = M1Model(cfg).apply({"params": params}, tokens, cache=cache, mode="decode", method=M1Model.run)
-    return logits, cache
+def decode_step(cfg: ModelConfig, params, cache, tokens, *, record_routes: bool = False):
+    """One token per row: tokens [B, 1] -> (logits fp32 [B, 1, V], updated cache), and with
+    `record_routes` the token's experts [B, 1, L, k]. Jittable."""
+    logits, aux, cache = M1Model(cfg).apply(
+        {"params": params}, tokens, cache=cache, mode="decode", method=M1Model.run, record_routes=record_routes
+    )
+    return (logits, cache, aux["expert_ids"]) if record_routes else (logits, cache)
 
 
 def process_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):

@@ -35,6 +35,7 @@ class Context(NamedTuple):
     valid: [B, T] bool, tokens that count in the router statistics.
     index: int32 cache slot of the current token (decode only): a scalar, or [B] per row.
     start: [B] int32 first valid cache slot per row (prefill/decode; left padding).
+    routes: [L, B, T, k] expert ids to replay in every layer's MoE (router replay), or None.
     """
 
     positions: jax.Array
@@ -42,6 +43,7 @@ class Context(NamedTuple):
     valid: jax.Array
     index: jax.Array | None = None
     start: jax.Array | None = None
+    routes: jax.Array | None = None
 
 
 class RMSNorm(nn.Module):

@@ -50,7 +50,8 @@ class DecoderLayer(nn.Module):
             alpha, beta = c.layernorm_full_attention_alpha, c.layernorm_full_attention_beta
         y = alpha * (h if c.postnorm else x) + beta * a
         z = RMSNorm(c.rms_norm_eps, ("embed",), pdt, name="post_norm")(y)
-        m, stats = MoE(c, name="moe")(z, ctx.valid)
+        routes = None if ctx.routes is None else ctx.routes[layer_idx]  # [B, T, k] of this layer
+        m, stats = MoE(c, name="moe")(z, ctx.valid, routes)
         out = c.layernorm_mlp_alpha * (z if c.postnorm else y) + c.layernorm_mlp_beta * m
         return out.astype(c.compute_dtype), (cache, stats)
 
@@ -127,25 +128,46 @@ class M1Model(nn.Module):
     lightning state and RoPE positions restart there); id 0 marks padding, left out of the router
     statistics. aux: {"router_aux_loss": Switch loss pooled over layers (= top-k when balanced),
     "expert_load": [L, E] fraction of each layer's assignments per expert}.
+
+    Router replay (R3): `routes` [B, T, L, k] gives every token's experts in every layer (as
+    recorded by a sampler's forward with `run(record_routes=True)`, which adds aux["expert_ids"]
+    [B, T, L, k] int32); the router still computes its probabilities (and gradient) and
+    aux["router_flips"] counts valid tokens whose own top-k differs, summed over layers.
     """
 
     cfg: ModelConfig
 
-    def __call__(self, tokens, segment_ids=None, positions=None):
-        logits, aux, _ = self.run(tokens, segment_ids, positions)
+    def __call__(self, tokens, segment_ids=None, positions=None, routes=None):
+        logits, aux, _ = self.run(tokens, segment_ids, positions, routes=routes)
         return logits, aux
 
     @nn.compact
     def run(
-        self, tokens, segment_ids=None, positions=None, cache=None, mode="train", max_len=None, start=None, hidden=False
+        self,
+        tokens,
+        segment_ids=None,
+        positions=None,
+        cache=None,
+        mode="train",
+        max_len=None,
+        start=None,
+        hidden=False,
+        routes=None,
+        record_routes=False,
     ):
         """All modes. prefill: `start` [B] = first real token (left padding), returns a cache with
         `max_len` slots. decode: tokens [B, 1] and the cache from prefill/decode. hidden=True returns
-        the final-normed hidden states [B, T, D] instead of logits (for a chunked loss: `lm_head`)."""
+        the final-normed hidden states [B, T, D] instead of logits (for a chunked loss: `lm_head`).
+        routes / record_routes: router replay and recording (class docstring)."""
         c = self.cfg
         check_tokens(tokens, c.vocab_size)
         b, t = tokens.shape
         ctx = self._context(tokens, segment_ids, positions, cache, mode, start)
+        if routes is not None:  # [B, T, L, k] -> [L, B, T, k]: each layer indexes its own
+            want = (b, t, c.num_hidden_layers, c.num_experts_per_tok)
+            if tuple(routes.shape) != want:
+                raise ValueError(f"routes must be [B, T, L, k] = {want}, got {tuple(routes.shape)}")
+            ctx = ctx._replace(routes=jnp.moveaxis(jnp.asarray(routes, jnp.int32), 2, 0))
 
         init = nn.initializers.normal(c.initializer_range)
         embed = param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), init, c.params_dtype)
@@ -172,6 +194,10 @@ class M1Model(nn.Module):
         stats = RouterStats(*(jnp.concatenate(s) for s in zip(*all_stats, strict=True)))
         load = stats.counts / jnp.maximum(stats.tokens[:, None] * c.num_experts_per_tok, 1.0)
         aux = {"router_aux_loss": switch_aux_loss(stats, c.num_local_experts), "expert_load": load}
+        if routes is not None:
+            aux["router_flips"] = jnp.sum(stats.flips)
+        if record_routes:  # [L, B*T, k] -> [B, T, L, k]
+            aux["expert_ids"] = jnp.moveaxis(stats.ids.reshape(stats.ids.shape[0], b, t, -1), 0, 2)
         if mode == "train":
             return logits, aux, None
         index = jnp.asarray(t, jnp.int32) if mode == "prefill" else cache["index"] + 1

@@ -27,11 +27,13 @@ _F32 = jnp.float32
 
 
 class RouterStats(NamedTuple):
-    """Additive router statistics of one layer (summed over valid tokens)."""
+    """Router statistics of one layer: additive ones (summed over valid tokens), and the routes."""
 
     counts: jax.Array  # [E] top-k assignments per expert (all k choices)
     prob_sum: jax.Array  # [E] sum of router probabilities
     tokens: jax.Array  # [] number of valid tokens
+    flips: jax.Array  # [] valid tokens whose replayed experts differ from the router's own top-k (0 unless replaying)
+    ids: jax.Array  # [N, k] int32 expert ids of each token (the routes; `M1Model.run(record_routes=True)`)
 
 
 def switch_aux_loss(stats: RouterStats, num_experts: int) -> jax.Array:
@@ -48,6 +50,17 @@ def route(x, w_router, k: int):
     probs = jax.nn.softmax(logits, axis=-1)
     weights, ids = jax.lax.top_k(probs, k)
     return probs, weights / jnp.sum(weights, axis=-1, keepdims=True), ids
+
+
+def route_replay(x, w_router, ids):
+    """Routing with given expert ids [N, k] (router replay, R3): the router's probs as in `route`, the
+    weights = probs at `ids` renormalised, so the router keeps its gradient through them. Also
+    returns [N] bool: the token's ids differ (as a set) from the router's own top-k."""
+    probs, _, own = route(x, w_router, ids.shape[-1])
+    ids = ids.astype(jnp.int32)
+    w = jnp.take_along_axis(probs, ids, axis=-1)
+    flip = jnp.any(jnp.sort(own, axis=-1) != jnp.sort(ids, axis=-1), axis=-1)
+    return probs, w / jnp.sum(w, axis=-1, keepdims=True), ids, flip
 
 
 def _swiglu(x, w1, w3, w2, eq_in: str, eq_out: str):
@@ -225,8 +238,9 @@ class MoE(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array):
-        """x [B, T, D], valid [B, T] bool -> (y [B, T, D], RouterStats)."""
+    def __call__(self, x: jax.Array, valid: jax.Array, routes: jax.Array | None = None):
+        """x [B, T, D], valid [B, T] bool -> (y [B, T, D], RouterStats). routes [B, T, k]: replay
+        these experts instead of the router's top-k (`route_replay`)."""
         c = self.cfg
         dt, pdt = c.compute_dtype, c.params_dtype
         init = nn.initializers.normal(c.initializer_range)
@@ -241,12 +255,21 @@ class MoE(nn.Module):
         impl = _IMPLS[resolve_impl(c.moe_impl)]
         w1, w3, w2 = w1.astype(dt), w3.astype(dt), w2.astype(dt)
         mesh = parallel.active_mesh(c, parallel.EXPERT)
+        k = c.num_experts_per_tok
+        flip = jnp.zeros((b * t,), bool)
         if mesh is None:
             xf = x.reshape(b * t, d)
-            probs, weights, ids = route(xf, w_router, c.num_experts_per_tok)
+            if routes is None:
+                probs, weights, ids = route(xf, w_router, k)
+            else:
+                probs, weights, ids, flip = route_replay(xf, w_router, routes.reshape(b * t, k))
             y = impl(xf.astype(dt), weights, ids, w1, w3, w2)
         else:  # all-to-all over the expert axis; [B, T] stay as sharded
-            probs, weights, ids = route(x, w_router, c.num_experts_per_tok)
+            if routes is None:
+                probs, weights, ids = route(x, w_router, k)
+            else:
+                probs, weights, ids, flip = route_replay(x, w_router, routes)
+                flip = flip.reshape(b * t)
             y = expert_parallel.experts(
                 x.astype(dt), weights, ids, w1, w3, w2, expert_fn=impl, mesh=mesh, capacity_factor=c.moe_capacity_factor
             )
@@ -254,5 +277,6 @@ class MoE(nn.Module):
 
         vf = valid.reshape(-1).astype(_F32)
         counts = jnp.zeros((e,), _F32).at[ids.reshape(-1)].add(jnp.repeat(vf, ids.shape[1]))
-        stats = RouterStats(counts, jnp.sum(probs * vf[:, None], axis=0), jnp.sum(vf))
+        flips = jnp.sum(flip * vf)
+        stats = RouterStats(counts, jnp.sum(probs * vf[:, None], axis=0), jnp.sum(vf), flips, ids.astype(jnp.int32))
         return y.reshape(b, t, d).astype(dt), stats

@@ -76,7 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Train/inference mismatch correction (rl.mismatch): behaviour weights of the trainer's old policy
     # over the sampler, "tis" (truncated at upper) or "mis" (masked outside [lower, upper]) at the
     # "token", "sequence" or "geometric" level; "none" = off.
-    r.mismatch = ml_collections.ConfigDict({"mode": "none", "level": "token", "upper": 2.0, "lower": 0.5})
+    # router_replay (R3): the sampler records each token's experts per layer and every training-side
+    # forward of the policy replays them (the reference policy routes freely).
+    r.mismatch = ml_collections.ConfigDict(
+        {"mode": "none", "level": "token", "upper": 2.0, "lower": 0.5, "router_replay": False}
+    )
     r.overlong = ml_collections.ConfigDict({"enabled": False, "max_length": 0, "buffer": 0})
     return c
 

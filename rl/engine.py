@@ -53,12 +53,27 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def init_state(cfg: ModelConfig, params, slots: int, max_len: int, rows: int, n: int, pad_id: int) -> dict:
-    """An empty engine state: every slot free, every result row unwritten. Jittable (ints static)."""
+def route_dtype(cfg: ModelConfig):
+    """The dtype of recorded expert ids: one byte per choice while the experts fit (M1: 32)."""
+    return jnp.uint8 if cfg.num_local_experts <= 256 else jnp.int32
+
+
+def init_state(
+    cfg: ModelConfig, params, slots: int, max_len: int, rows: int, n: int, pad_id: int, record: bool = False
+) -> dict:
+    """An empty engine state: every slot free, every result row unwritten. Jittable (ints static).
+    `record`: also buffers for each sample's experts per token and layer (router replay): the
+    prompt's [R, max_len - n, L, k] (right-aligned, as the rollout's left-padded prompt) and the
+    response's [R, n, L, k]."""
     shapes = jax.eval_shape(lambda p: prefill(cfg, p, jnp.zeros((slots, 1), jnp.int32), max_len), params)[1]
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     cache["index"] = jnp.zeros((slots,), jnp.int32)  # each slot at its own position
-    return {
+    extra = {}
+    if record:
+        shape = (cfg.num_hidden_layers, cfg.num_experts_per_tok)
+        extra["prompt_routes"] = jnp.zeros((rows, max_len - n, *shape), route_dtype(cfg))
+        extra["routes"] = jnp.zeros((rows, n, *shape), route_dtype(cfg))
+    return extra | {
         "cache": cache,
         "last": jnp.zeros((slots, cfg.vocab_size), _F32),  # next-token logits
         "pos": jnp.zeros((slots,), jnp.int32),  # tokens generated so far
@@ -78,7 +93,8 @@ def insert(cfg: ModelConfig, params, st: dict, prompts, lengths, src, slot_ids, 
     sample `sample_ids[m]` from prompt `src[m]` (m < S; padding entries use slot id S: dropped)."""
     TRACES["insert"] += 1
     pb = prompts.shape[1]
-    logits, c = prefill(cfg, params, prompts, pb, lengths=lengths)
+    record = "routes" in st
+    logits, c, *ids = prefill(cfg, params, prompts, pb, lengths=lengths, record_routes=record)
 
     def put(dst, new):  # new [n, r, Q, ...] -> the slots' rows of dst [n, r, S, ...] (softmax K/V: [:Pb])
         where = (slice(None), slice(None), slot_ids) + tuple(slice(0, d) for d in new.shape[3:])
@@ -91,8 +107,15 @@ def insert(cfg: ModelConfig, params, st: dict, prompts, lengths, src, slot_ids, 
     set_rows = lambda a, v: a.at[slot_ids].set(v, mode="drop")
     cache["index"] = set_rows(cache["index"], pb)
     cache["start"] = set_rows(cache["start"], pb - lengths[src])
+    extra = {}
+    if record:  # the prompt's routes, right-aligned in the sample's row (free entries write nowhere)
+        rows, width = st["prompt_routes"].shape[:2]
+        row = jnp.where(slot_ids < slot_ids.shape[0], sample_ids, rows)
+        routes = jnp.take(ids[0], src, axis=0).astype(st["prompt_routes"].dtype)
+        extra["prompt_routes"] = st["prompt_routes"].at[row, width - pb :].set(routes, mode="drop")
     return dict(
         st,
+        **extra,
         cache=cache,
         last=set_rows(st["last"], logits[src, -1].astype(_F32)),
         pos=set_rows(st["pos"], 0),
@@ -110,6 +133,7 @@ def decode(cfg: ModelConfig, sp, params, st: dict, rng, need) -> dict:
     temp = 1.0 if sp.greedy else sp.temperature
     stops = jnp.asarray(sp.stop_tokens or (-1,), jnp.int32)
     truncated = sp.top_k > 0 or sp.top_p < 1.0
+    record = "routes" in st
 
     def cond(st):
         live = st["live"]
@@ -136,11 +160,15 @@ def decode(cfg: ModelConfig, sp, params, st: dict, rng, need) -> dict:
         reason = jnp.where(stopped, FINISH_STOP, jnp.where(confident, FINISH_CONFIDENT, FINISH_LENGTH))
         row = jnp.where(live, sid, rows)  # free slots write nowhere
         done_row = jnp.where(newly, sid, rows)
-        out, cache = decode_step(cfg, params, st["cache"], tok[:, None])
+        out, cache, *ids = decode_step(cfg, params, st["cache"], tok[:, None], record_routes=record)
         cache["index"] = jnp.where(live, cache["index"], st["cache"]["index"])  # free slots stay put
         still = live & ~newly
+        extra = {}
+        if record:  # the experts of the token just fed: response position `pos`
+            extra["routes"] = st["routes"].at[row, pos].set(ids[0][:, 0].astype(st["routes"].dtype), mode="drop")
         return dict(
             st,
+            **extra,
             cache=cache,
             last=out[:, 0],
             pos=pos + live,
@@ -157,7 +185,7 @@ def decode(cfg: ModelConfig, sp, params, st: dict, rng, need) -> dict:
     return jax.lax.while_loop(cond, body, st)
 
 
-_init = jax.jit(init_state, static_argnums=(0, 2, 3, 4, 5, 6))
+_init = jax.jit(init_state, static_argnums=(0, 2, 3, 4, 5, 6, 7))
 _insert = jax.jit(insert, static_argnums=(0,), donate_argnums=(2,))
 _decode = jax.jit(decode, static_argnums=(0, 1), donate_argnums=(3,))
 
@@ -173,7 +201,9 @@ class Stats:
 def run(cfg: ModelConfig, sp, params, prompts: Sequence[np.ndarray], rng, *, slots: int, pad_multiple: int, stats=None):
     """Sample one response per prompt row on `slots` decode slots. prompts: 1-D int arrays.
 
-    Returns host arrays (tokens [R, N], logp [R, N], length [R], finish [R]).
+    Returns host arrays (tokens [R, N], logp [R, N], length [R], finish [R], routes), routes being
+    None unless `sp.record_routes`: then each sample's experts [R, Tp + N, L, k] over its
+    left-padded prompt (width Tp = the padded length of the longest prompt) and its response.
     """
     r = len(prompts)
     n = sp.max_new_tokens
@@ -184,7 +214,7 @@ def run(cfg: ModelConfig, sp, params, prompts: Sequence[np.ndarray], rng, *, slo
         pending = [(i + k, min(slots, c - k)) for i, c in pending for k in range(0, c, slots)]
     pending.reverse()  # pop() from the end
     stats = stats if stats is not None else Stats()
-    st = _init(cfg, params, slots, max_len, r, n, sp.pad_id)
+    st = _init(cfg, params, slots, max_len, r, n, sp.pad_id, sp.record_routes)
     free = list(range(slots))
     while True:
         take = []
@@ -208,7 +238,10 @@ def run(cfg: ModelConfig, sp, params, prompts: Sequence[np.ndarray], rng, *, slo
         (st["tokens"], st["logp"], st["length"], st["finish"], st["steps"])
     )
     stats.steps += int(steps)
-    return toks, logp, length, finish
+    routes = None
+    if sp.record_routes:
+        routes = np.concatenate(jax.device_get((st["prompt_routes"], st["routes"])), axis=1)
+    return toks, logp, length, finish, routes
 
 
 def _insert_args(prompts, take, slots: int, bucket, pad_id: int):

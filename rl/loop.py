@@ -47,6 +47,7 @@ from rl.mismatch import behaviour_weights
 from rl.rollouts import ROLLOUT_KEYS, Producer
 from rl.sampler import FINISH_CONFIDENT, FINISH_LENGTH, SamplingParams, sample
 from rl.step import RLTrainer
+from rl.transfer import copy_to, shard_rows, to_host
 from rl.worker import RolloutWorker
 
 log = logging.getLogger("m1jax")
@@ -144,21 +145,26 @@ def initial_state(trainer: RLTrainer, tx, seed: int, init_params=None) -> dict:
     return state
 
 
-def make_rollout_mesh(c, mesh):
-    """The mesh of `rl.rollout_mesh` on the devices after the learner's, or `mesh` itself when it is
-    unset (rollouts and learner time-slice the same devices)."""
+def make_meshes(c):
+    """(learner mesh, rollout mesh). Without `rl.rollout_mesh` both are the mesh of `mesh` (rollouts
+    and learner time-slice its devices). With it, each process gives the learner its first local
+    devices and the rollouts the next ones, so with several hosts both meshes span all of them (one
+    process: the learner's mesh is the first devices, the rollouts' the next)."""
     axes = rollout_axes(c)
     if axes is None:
-        return mesh
-    used = set(mesh.devices.flat)
-    rest = [d for d in jax.devices() if d not in used]
-    need = int(np.prod(list(axes.values())))
-    if need > len(rest):
+        mesh = shd.mesh_from_config(dict(c.mesh))
+        return mesh, mesh
+    hosts = jax.process_count()
+    learner, rollout = int(np.prod(list(c.mesh.values()))), int(np.prod(list(axes.values())))
+    local = [jax.local_devices(process_index=p) for p in range(hosts)]
+    if learner % hosts or rollout % hosts or any(len(d) < (learner + rollout) // hosts for d in local):
         raise ValueError(
-            f"config.rl.rollout_mesh={axes} needs {need} devices beside the learner's mesh {dict(mesh.shape)}, "
-            f"but only {len(rest)} of the {jax.device_count()} devices are left"
+            f"config.rl.rollout_mesh={axes} needs {rollout} devices beside the {learner} of mesh {dict(c.mesh)}, "
+            f"split evenly over {hosts} process(es) of {min(map(len, local))} devices each"
         )
-    return shd.mesh_from_config(axes, rest)
+    a, b = learner // hosts, rollout // hosts
+    mesh = shd.mesh_from_config(dict(c.mesh), [d for devs in local for d in devs[:a]])
+    return mesh, shd.mesh_from_config(axes, [d for devs in local for d in devs[a : a + b]])
 
 
 def start_worker(c, cfg, producer: Producer, rollout_mesh, *, step: int, data, params, workdir: str):
@@ -168,7 +174,7 @@ def start_worker(c, cfg, producer: Producer, rollout_mesh, *, step: int, data, p
     def place(params):  # a copy on the rollout devices: the learner donates its own to the next update
         if rollout_mesh is None:
             return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), params))
-        return jax.block_until_ready(jax.device_put(params, shd.param_shardings(cfg, rollout_mesh)))
+        return jax.block_until_ready(copy_to(params, shd.param_shardings(cfg, rollout_mesh)))
 
     saved = (data or {}).get("rollouts", 0)
     batches = rollouts.load(workdir, step, saved) if saved else []
@@ -195,8 +201,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     run = Run(c, workdir, desc=f"rl:{c.rl.loss}", progress=progress)
     if (done := run.finished()) is not None:  # nothing built, restored or written
         return dict(done, workdir=workdir, start_step=done["end_step"], stopped_by=None, complete=True)
-    mesh = shd.mesh_from_config(dict(c.mesh))
-    rollout_mesh = make_rollout_mesh(c, mesh)
+    mesh, rollout_mesh = make_meshes(c)
     parts = setup(c, mesh)
     cfg, tokenizer, reward_fn, sp = parts.cfg, parts.tokenizer, parts.reward_fn, parts.sampling
     dp = batch_parallel(mesh.shape)
@@ -278,6 +283,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     return summary
 
 
+_REPLAY = ("router_flip_fraction",)  # with router replay (rl.mismatch.router_replay)
+
+
 def _k3_mean(logp, ref_logp, mask) -> float:
     """Token mean of the k3 KL estimator (`rl.losses.k3_kl`: exp(d) - d - 1, d = ref - logp) over mask > 0."""
     on = mask > 0
@@ -300,7 +308,8 @@ def _dispatch_logprobs(c, trainer: RLTrainer, params, ref_params, dev: dict):
     dispatched (not waited for): with kl_coef = 0 the reference forward covers sample 0 of each group."""
     g = c.rl.samples_per_prompt
     trainer_logp = trainer.logprobs(params, dev)
-    ref_logp = trainer.logprobs(ref_params, dev) if c.rl.kl_coef else _reference_subset(trainer, ref_params, dev, g)
+    free = {k: v for k, v in dev.items() if k != "routes"}  # the reference policy routes freely
+    ref_logp = trainer.logprobs(ref_params, free) if c.rl.kl_coef else _reference_subset(trainer, ref_params, free, g)
     return trainer_logp, ref_logp
 
 
@@ -323,7 +332,9 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     rollout, refs, budget = producer.generate(state["params"], step)
     t_gen = time.perf_counter()
     # The log-prob forwards need only the rollout: dispatched now, they run while the host scores it.
-    dev = trainer.shard_rows({k: getattr(rollout, k) for k in (*ROLLOUT_KEYS, "mask")})
+    # (routes: with router replay the trainer's forwards take the sampler's experts; else None)
+    rows = {k: v for k in (*ROLLOUT_KEYS, "mask") if (v := getattr(rollout, k)) is not None}
+    dev = shard_rows(trainer, rows)
     logps = _dispatch_logprobs(c, trainer, state["params"], ref_params, dev)
     batch = producer.score(jax.device_get(rollout), refs, budget, step=step, version=step, gen_time_s=t_gen - t0)
     return learn(c, trainer, state, ref_params, batch, t0=t0, t_gen=t_gen, dev=dev, logps=logps)
@@ -342,16 +353,16 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
     mask, sampler_logp = batch["response_mask"], batch["logprobs"]
     t_start = time.perf_counter()
     if dev is None:
-        dev = trainer.shard_rows({k: batch[k] for k in ROLLOUT_KEYS} | {"mask": mask})
+        dev = shard_rows(trainer, {k: batch[k] for k in ROLLOUT_KEYS if k in batch} | {"mask": mask})
         logps = _dispatch_logprobs(c, trainer, state["params"], ref_params, dev)
     trainer_logp, ref_logp = logps
     pushed = {"mask": mask * batch["weight"][:, None], "advantages": batch["advantages"]}
     if r.old_logp == "sampler":
         pushed["old_logp"] = sampler_logp
-    train_batch = dict(dev, **trainer.shard_rows(pushed))
+    train_batch = dict(dev, **shard_rows(trainer, pushed))
     t_reward = time.perf_counter()
 
-    trainer_logp_host = np.asarray(trainer_logp)  # fetched once, for logp_gap (and the kl_coef = 0 KL)
+    trainer_logp_host = to_host(trainer, trainer_logp)  # fetched once, for logp_gap (and the kl_coef = 0 KL)
     if r.old_logp == "trainer":
         train_batch["old_logp"] = trainer_logp  # stays on the device
     mm = r.mismatch
@@ -359,11 +370,11 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
         is_weight, mm_metrics = behaviour_weights(
             trainer_logp_host, sampler_logp, mask, mm.mode, mm.level, mm.upper, mm.lower
         )
-        train_batch["is_weight"] = trainer.shard_rows({"w": is_weight})["w"]
+        train_batch["is_weight"] = shard_rows(trainer, {"w": is_weight})["w"]
     if r.kl_coef:
         train_batch["ref_logp"] = jax.block_until_ready(ref_logp)
     else:
-        kl = _k3_mean(trainer_logp_host[::g], np.asarray(ref_logp), mask[::g])
+        kl = _k3_mean(trainer_logp_host[::g], to_host(trainer, ref_logp), mask[::g])
     t_logp = time.perf_counter()
 
     n = mask.shape[0]
@@ -415,7 +426,7 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
         "update_time_s": t_update - t_logp,
         "gen_tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
     }
-    for k in ("loss", "pg_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "grad_norm", "aux_loss"):
+    for k in ("loss", "pg_loss", "kl", "clip_fraction", "ratio_mean", "entropy", "grad_norm", "aux_loss", *_REPLAY):
         if k in ms[0]:
             row[k] = mean(k)  # token-weighted over this step's updates
     if not r.kl_coef:

@@ -4,6 +4,7 @@ A batch is a flat dict of host NumPy arrays, so it crosses threads (`rl.worker`)
 checkpoint (`save` / `load`) as it is:
   rows [R, ...] (R = P x G, group-major): prompt [R, T], prompt_lengths, tokens [R, N],
     response_mask [R, N], logprobs [R, N] (the behaviour policy's, fp32), lengths, finish,
+    routes [R, T + N, L, k] (with router replay: the sampler's experts),
     passed (exact match), penalty (soft overlong, 0 when off), advantages, weight (the sample's
     loss weight: zero-variance groups dropped, truncated responses masked if configured);
   groups [P, G]: rewards (task + penalty), task;  zero_variance [P], invalid [P, G];
@@ -32,7 +33,8 @@ from rl.config import max_new_tokens_at, overlong_limits
 from rl.evaluate import decode_responses, exact
 from rl.sampler import FINISH_LENGTH, Rollout, SamplingParams, sample
 
-ROLLOUT_KEYS = ("prompt", "prompt_lengths", "tokens")  # with response_mask: what the log-prob forwards need
+# With response_mask: what the log-prob forwards need (routes only with router replay).
+ROLLOUT_KEYS = ("prompt", "prompt_lengths", "tokens", "routes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Producer:
         refs = [ref for _, ref in pairs for _ in range(g)]
         key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
         budget = max_new_tokens_at(c, step)
-        sp = dataclasses.replace(self.sp, max_new_tokens=budget)  # equal params reuse the compiled sampler
+        # Equal params reuse the compiled sampler; router replay needs the experts it chose.
+        sp = dataclasses.replace(self.sp, max_new_tokens=budget, record_routes=bool(r.mismatch.router_replay))
         rollout = jax.block_until_ready(self.sampler(self.cfg, params, prompts, sp, key))  # dispatch is asynchronous
         return rollout, refs, budget
 
@@ -78,7 +81,8 @@ class Producer:
         weight = adv.weight.reshape(-1)
         if r.mask_truncated:  # DAPO overlong filtering: truncated responses carry no gradient
             weight = weight * (host.finish != FINISH_LENGTH)
-        batch = {k: np.asarray(getattr(host, k)) for k in (*ROLLOUT_KEYS, "logprobs", "lengths", "finish")}
+        keys = ("prompt", "prompt_lengths", "tokens", "logprobs", "lengths", "finish")
+        batch = {k: np.asarray(getattr(host, k)) for k in keys}
         batch.update(
             response_mask=np.asarray(host.mask),
             passed=np.asarray(exact(self.c, texts, refs), bool),
@@ -90,6 +94,8 @@ class Producer:
             zero_variance=adv.zero_variance,
             invalid=adv.invalid,
         )
+        if host.routes is not None:
+            batch["routes"] = np.asarray(host.routes)  # [R, T + N, L, k], replayed by the trainer
         scalars = {"step": step, "version": version, "budget": budget, "gen_time_s": gen_time_s}
         batch.update({k: np.asarray(v) for k, v in scalars.items()})
         batch["reward_time_s"] = np.asarray(time.perf_counter() - t0)

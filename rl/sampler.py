@@ -45,6 +45,7 @@ class SamplingParams:
     confident_run: int = 0
     confident_prob: float = 0.99
     slots: int | None = None  # rollout-engine decode slots; None = one per row (every sample in flight)
+    record_routes: bool = False  # return each token's experts per layer (Rollout.routes, for router replay)
 
     def __post_init__(self):
         if self.slots is not None and self.slots < 1:
@@ -67,6 +68,7 @@ class Rollout(NamedTuple):
     mask: jax.Array  # [B, N] fp32, 1 on response tokens (stop token included)
     lengths: jax.Array  # [B] response lengths
     finish: jax.Array  # [B] FINISH_STOP | FINISH_LENGTH | FINISH_CONFIDENT
+    routes: np.ndarray | None = None  # [B, T + N, L, k] experts of every prompt and response token (record_routes)
 
 
 def sample(
@@ -83,16 +85,18 @@ def sample(
     tokens, lengths = _padded(cfg, prompts, sp, pad_multiple)
     rows = [tokens[i, tokens.shape[1] - lengths[i] :] for i in range(len(lengths))]
     slots = sp.slots if sp.slots is not None else len(rows)
-    toks, logp, length, finish = engine.run(
+    toks, logp, length, finish, routes = engine.run(
         cfg, sp, params, rows, rng, slots=slots, pad_multiple=pad_multiple, stats=stats
     )
     mask = (np.arange(sp.max_new_tokens)[None, :] < length[:, None]).astype(np.float32)
-    return Rollout(tokens, lengths, toks, logp * mask, mask, length, finish)
+    return Rollout(tokens, lengths, toks, logp * mask, mask, length, finish, routes)
 
 
 def sample_fixed(cfg: ModelConfig, params, prompts, sp: SamplingParams, rng, *, pad_multiple: int = 32) -> Rollout:
     """The fixed-batch sampler: every row decodes until the longest has finished (one key per step
     for the whole batch, so a row's tokens depend on its batch-mates). The engine's baseline."""
+    if sp.record_routes:
+        raise ValueError("sample_fixed does not record routes (record_routes=True): use sample")
     tokens, lengths = _padded(cfg, prompts, sp, pad_multiple)
     return _sample(cfg, sp, params, jnp.asarray(tokens), jnp.asarray(lengths), rng)
 
@@ -156,18 +160,25 @@ def _sample(cfg: ModelConfig, sp: SamplingParams, params, prompt, prompt_lengths
     return Rollout(prompt, prompt_lengths, toks, logps * mask, mask, end + 1, finish)
 
 
-def sequence_logprobs(cfg: ModelConfig, params, prompt, prompt_lengths, response, mask, temperature: float = 1.0):
+def sequence_logprobs(
+    cfg: ModelConfig, params, prompt, prompt_lengths, response, mask, temperature: float = 1.0, routes=None
+):
     """The trainer's log pi(response) [B, N] fp32 (0 outside `mask`), teacher-forced in one pass.
 
     The sequence is [left-padded prompt | response]; padding on either side is segment 0, so positions,
-    the lightning state and attention match the sampler's cache exactly. Jittable.
+    the lightning state and attention match the sampler's cache exactly. Jittable. `routes`
+    [B, T + N, L, k]: replay these experts (`Rollout.routes`); aux then holds
+    "router_flip_fraction", the fraction of (valid token, layer) pairs whose own top-k differs.
     """
     b, t = prompt.shape
     n = response.shape[1]
     seq = jnp.concatenate([prompt, response.astype(prompt.dtype)], axis=1)
     real_prompt = jnp.arange(t)[None, :] >= (t - prompt_lengths)[:, None]
     segment_ids = jnp.concatenate([real_prompt, mask > 0], axis=1).astype(jnp.int32)
-    logits, aux = M1Model(cfg).apply({"params": params}, seq, segment_ids)
+    logits, aux = M1Model(cfg).apply({"params": params}, seq, segment_ids, routes=routes)
+    if routes is not None:
+        pairs = jnp.sum(segment_ids > 0) * cfg.num_hidden_layers
+        aux["router_flip_fraction"] = aux["router_flips"] / jnp.maximum(pairs, 1).astype(_F32)
     logits = logits[:, t - 1 : t + n - 1].astype(_F32) / temperature  # position t-1+j predicts response j
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), response[..., None], axis=-1)[..., 0]
     return jnp.where(mask > 0, logp, 0.0), logits, aux

@@ -4,7 +4,8 @@ A minibatch is a dict of row-aligned arrays (rows sharded over the data-parallel
   prompt [B, T] (left-padded), prompt_lengths [B], tokens [B, N], mask [B, N] (response tokens
   that enter the loss: the response mask times the sample's weight), old_logp [B, N],
   advantages [B], optionally is_weight [B, N] (the behaviour weights of `rl.mismatch`, which scale
-  each token's advantage), and ref_logp [B, N] where kl_coef > 0 (without it the update reports no "kl":
+  each token's advantage), routes [B, T + N, L, k] (the sampler's experts, replayed), and
+  ref_logp [B, N] where kl_coef > 0 (without it the update reports no "kl":
   with kl_coef = 0 the term adds nothing, so the reference forward is not needed for the update).
 The loss is normalised by the minibatch's *global* token (or sequence) count, computed before
 it is split into micro-batches, so accumulation and data parallelism leave it unchanged.
@@ -62,7 +63,7 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
 
     def loss(params, b):
         logp, logits, a = sequence_logprobs(
-            cfg, params, b["prompt"], b["prompt_lengths"], b["tokens"], b["mask"], temperature
+            cfg, params, b["prompt"], b["prompt_lengths"], b["tokens"], b["mask"], temperature, b.get("routes")
         )
         value, m = loss_fn(
             logp,
@@ -76,6 +77,8 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
         )
         m["entropy"] = entropy(jax.lax.stop_gradient(logits), b["mask"])
         m["aux_loss"] = a["router_aux_loss"] / micro
+        if "router_flip_fraction" in a:  # router replay: how often the policy's own top-k disagrees
+            m["router_flip_fraction"] = a["router_flip_fraction"]
         if aux:
             value = value + cfg.router_aux_loss_coef * m["aux_loss"]
         return value, m
@@ -101,9 +104,11 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
 
 
 def rollout_logprobs(cfg: ModelConfig, temperature, params, rollout: dict):
-    """Trainer-side log pi of each response token [B, N] fp32 (old or reference policy)."""
+    """Trainer-side log pi of each response token [B, N] fp32 (old or reference policy); with
+    rollout["routes"] the sampler's experts are replayed (router replay)."""
+    r = rollout
     return sequence_logprobs(
-        cfg, params, rollout["prompt"], rollout["prompt_lengths"], rollout["tokens"], rollout["mask"], temperature
+        cfg, params, r["prompt"], r["prompt_lengths"], r["tokens"], r["mask"], temperature, r.get("routes")
     )[0]
 
 
