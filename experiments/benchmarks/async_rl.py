@@ -1,6 +1,7 @@
 """RL step time with asynchronous rollouts (`rl.max_staleness`) against the synchronous loop, side by side.
 
-Usage: python -m experiments.benchmarks.async_rl [--quick] [--steps 24] [--reps 2] [--out async_rl.json]
+Usage: python -m experiments.benchmarks.async_rl [--quick] [--steps 24] [--reps 2] [--max-new 4]
+       [--out async_rl.json]
 
 Runs `configs/cispo_toy.py` (32 prompts x 8 samples, 2 updates per rollout, old log-probs from the
 sampler so that K > 0 is valid) three ways on 8 host CPU devices: K = 0 (synchronous), K = 1 with
@@ -33,26 +34,27 @@ VARIANTS = {
 }
 
 
-def config(steps: int, overrides: dict):
+def config(steps: int, overrides: dict, max_new: int = 4):
     from configs.cispo_toy import get_config
 
     c = get_config()
     c.steps = steps
     c.rl.old_logp = "sampler"
+    c.rl.sampling.max_new_tokens = max_new
     c.eval.update(every=10**6, prompts=8, samples=0)
     c.checkpoint.every = 10**6
     c.update_from_flattened_dict(overrides)
     return c
 
 
-def run_once(steps: int, overrides: dict, skip: int) -> dict:
+def run_once(steps: int, overrides: dict, skip: int, max_new: int = 4) -> dict:
     import json
 
     from rl.loop import train
 
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
-        train(config(steps, overrides), wd, progress=False)
+        train(config(steps, overrides, max_new), wd, progress=False)
         wall = time.perf_counter() - t0
         with open(os.path.join(wd, "metrics.jsonl")) as fh:
             rows = [r for r in map(json.loads, fh) if "loss" in r][skip:]
@@ -79,20 +81,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a few steps, one round (a smoke test)")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--max-new", type=int, default=4, help="response budget (the toy's 4: generation is cheap)")
     ap.add_argument("--out", default="async_rl_benchmark.json")
     a = ap.parse_args(argv)
     steps, reps, skip = (4, 1, 1) if a.quick else (a.steps, a.reps, 4)
     runs = {name: [] for name in VARIANTS}
     for _ in range(reps):
         for name, ov in VARIANTS.items():
-            runs[name].append(run_once(steps, ov, skip))
+            runs[name].append(run_once(steps, ov, skip, a.max_new))
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     sync = summary["sync_k0"]["step_time_s"]
     for s in summary.values():
         s["speedup_vs_sync"] = sync / s["step_time_s"]
         s["projected_speedup_separate_devices"] = s["serial_s"] / s["overlapped_s"]
     report = {
-        "config": "configs/cispo_toy.py, old_logp=sampler, 32 prompts x 8 samples, 4 new tokens, 2 updates",
+        "config": f"configs/cispo_toy.py, old_logp=sampler, 32 prompts x 8 samples, {a.max_new} new tokens, 2 updates",
         "steps": steps,
         "reps": reps,
         "skipped_first_steps": skip,
