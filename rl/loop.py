@@ -283,6 +283,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     return summary
 
 
+# The row keys measured by the clock: what differs between two runs of the same config and seed.
+TIMINGS = ("gen_time_s", "reward_time_s", "logprob_time_s", "update_time_s", "step_time_s")
+TIMINGS += ("rollout_wait_s", "worker_wait_s", "gen_tokens_per_s")
 _REPLAY = ("router_flip_fraction",)  # with router replay (rl.mismatch.router_replay)
 
 
@@ -398,7 +401,9 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
     finite = np.isfinite(rewards).any()
     if t_gen is None:  # a worker's batch: its own phase times, and the learner's wait for it
         times = {"gen_time_s": float(batch["gen_time_s"]), "reward_time_s": float(batch["reward_time_s"])}
-        times["rollout_wait_s"] = t_start - t0
+        times["rollout_wait_s"] = t_start - t0  # the learner's wait for this batch
+        if "worker_wait_s" in batch:  # the rollout thread's wait for the version that sampled it
+            times["worker_wait_s"] = float(batch["worker_wait_s"])
         gen_s = times["gen_time_s"]
     else:
         times = {"gen_time_s": t_gen - t0, "reward_time_s": t_reward - t_gen}

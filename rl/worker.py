@@ -19,6 +19,8 @@ import logging
 import threading
 import time
 
+import numpy as np
+
 log = logging.getLogger("m1jax")
 
 
@@ -92,13 +94,15 @@ class RolloutWorker:
                     t0 = time.perf_counter()
                     while v not in self.versions and not self.closing:
                         self.cond.wait()
-                    self.wait_s += time.perf_counter() - t0
+                    waited = time.perf_counter() - t0
+                    self.wait_s += waited
                     if self.closing:
                         return
                     for old in [u for u in self.versions if u < v]:  # no later batch needs them
                         del self.versions[old]
                     params, step = self.versions[v], self.next
                 batch = self.produce(params, step, v)
+                batch["worker_wait_s"] = np.asarray(waited)  # before it: waiting for version v
                 with self.cond:
                     self.batches[step] = batch
                     self.next = step + 1

@@ -35,7 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCS, DEVICES_PER_PROC = 2, 4
 STEPS, STOP_AT = 4, 2
 TIMEOUT_S = 300  # per launch; a healthy pair takes about a minute on 2 idle cores
-TIMES = ("gen_time_s", "reward_time_s", "logprob_time_s", "update_time_s", "step_time_s", "rollout_wait_s")
 CONFIG = {
     "steps": STEPS,
     "rl.max_staleness": 1,
@@ -118,7 +117,9 @@ def _rows(workdir) -> list[dict]:
     rows = [r for r in read_metrics(workdir) if "loss" in r]
     steps = [r["step"] for r in rows]
     assert len(steps) == len(set(steps)), f"a step logged twice (more than one writer?): {steps}"
-    return [{k: v for k, v in r.items() if k not in TIMES and k != "gen_tokens_per_s"} for r in rows]
+    from rl.loop import TIMINGS  # (imported late: this file is also a driver)
+
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
 def _params(workdir) -> dict:

@@ -12,16 +12,15 @@ from test_rl_train import rows, small_toy
 
 from rl import rollouts
 from rl.config import validate
-from rl.loop import train
+from rl.loop import TIMINGS, train
 from rl.worker import RolloutWorker
 
 ASYNC = {"rl.old_logp": "sampler"}  # K > 0 needs the behaviour policy's log-probs in the ratio
-TIMES = ("gen_time_s", "reward_time_s", "logprob_time_s", "update_time_s", "step_time_s", "rollout_wait_s")
 
 
 def values(workdir, key="loss"):
     """The metrics rows with `key`, without the timings (which no two runs share)."""
-    return [{k: v for k, v in r.items() if k not in TIMES and k != "gen_tokens_per_s"} for r in rows(workdir, key)]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows(workdir, key)]
 
 
 def params_equal(a, b):
