@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
             # Rollout-engine decode slots (continuous batching: a finished sample's slot takes the next
             # pending group); unset = one slot per sample of the step, every sample in flight at once.
             "slots": config_dict.placeholder(int),
+            # Prompts are left-padded to a multiple of this (one compiled program per multiple). The
+            # padding is computed on in every forward and update, so short prompts want a small one.
+            "pad_multiple": 32,
         }
     )
     # DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward of each response:
@@ -193,6 +196,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"must be >= samples_per_prompt={r.samples_per_prompt} (a group is inserted whole), or unset (one per sample)",
     )
     need(0 < s.top_p <= 1, "rl.sampling.top_p", "must lie in (0, 1]")
+    need(int(s.pad_multiple) == s.pad_multiple >= 1, "rl.sampling.pad_multiple", "must be a positive integer")
     budgets = [t for _, t in token_schedule(s.max_new_tokens_schedule)] or [s.max_new_tokens]
     o = r.overlong
     if o.enabled:

@@ -62,7 +62,9 @@ class Producer:
         budget = max_new_tokens_at(c, step)
         # Equal params reuse the compiled sampler; router replay needs the experts it chose.
         sp = dataclasses.replace(self.sp, max_new_tokens=budget, record_routes=bool(r.mismatch.router_replay))
-        rollout = jax.block_until_ready(self.sampler(self.cfg, params, prompts, sp, key))  # dispatch is asynchronous
+        pad = self.c.rl.sampling.pad_multiple
+        rollout = self.sampler(self.cfg, params, prompts, sp, key, pad_multiple=pad)
+        rollout = jax.block_until_ready(rollout)  # dispatch is asynchronous
         return rollout, refs, budget
 
     def score(self, host: Rollout, refs, budget: int, *, step: int, version: int, gen_time_s: float) -> dict:
