@@ -52,12 +52,14 @@ def route(x, w_router, k: int):
     return probs, weights / jnp.sum(weights, axis=-1, keepdims=True), ids
 
 
-def route_replay(x, w_router, ids):
+def route_replay(x, w_router, ids, valid):
     """Routing with given expert ids [N, k] (router replay, R3): the router's probs as in `route`, the
-    weights = probs at `ids` renormalised, so the router keeps its gradient through them. Also
-    returns [N] bool: the token's ids differ (as a set) from the router's own top-k."""
+    weights = probs at `ids` renormalised, so the router keeps its gradient through them. Tokens
+    not `valid` [N] (padding: no recorded route) take the router's own top-k, so they cannot crowd
+    one expert's capacity under expert parallelism. Also returns [N] bool: the token's ids differ
+    (as a set) from the router's own top-k."""
     probs, _, own = route(x, w_router, ids.shape[-1])
-    ids = ids.astype(jnp.int32)
+    ids = jnp.where(valid[..., None], ids.astype(jnp.int32), own)
     w = jnp.take_along_axis(probs, ids, axis=-1)
     flip = jnp.any(jnp.sort(own, axis=-1) != jnp.sort(ids, axis=-1), axis=-1)
     return probs, w / jnp.sum(w, axis=-1, keepdims=True), ids, flip
@@ -262,13 +264,13 @@ class MoE(nn.Module):
             if routes is None:
                 probs, weights, ids = route(xf, w_router, k)
             else:
-                probs, weights, ids, flip = route_replay(xf, w_router, routes.reshape(b * t, k))
+                probs, weights, ids, flip = route_replay(xf, w_router, routes.reshape(b * t, k), valid.reshape(-1))
             y = impl(xf.astype(dt), weights, ids, w1, w3, w2)
         else:  # all-to-all over the expert axis; [B, T] stay as sharded
             if routes is None:
                 probs, weights, ids = route(x, w_router, k)
             else:
-                probs, weights, ids, flip = route_replay(x, w_router, routes)
+                probs, weights, ids, flip = route_replay(x, w_router, routes, valid)
                 flip = flip.reshape(b * t)
             y = expert_parallel.experts(
                 x.astype(dt), weights, ids, w1, w3, w2, expert_fn=impl, mesh=mesh, capacity_factor=c.moe_capacity_factor

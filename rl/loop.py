@@ -167,9 +167,10 @@ def make_meshes(c):
     return mesh, shd.mesh_from_config(axes, [d for devs in local for d in devs[a : a + b]])
 
 
-def start_worker(c, cfg, producer: Producer, rollout_mesh, *, step: int, data, params, workdir: str):
+def start_worker(c, cfg, producer: Producer, rollout_mesh, *, step: int, data, params, workdir: str, stop_at=None):
     """The running `RolloutWorker` of a run at `step`: the batches its checkpoint saved are restored
-    and version `step` (`params`) is published. `rollout_mesh` None = the learner's devices."""
+    and version `step` (`params`) is published. `rollout_mesh` None = the learner's devices. With
+    `stop_at` it samples no further than the batches that run's last checkpoint saves."""
 
     def place(params):  # a copy on the rollout devices: the learner donates its own to the next update
         if rollout_mesh is None:
@@ -185,7 +186,8 @@ def start_worker(c, cfg, producer: Producer, rollout_mesh, *, step: int, data, p
             f"sampled by version {step} (less stale than in an uninterrupted run)"
         )
     k = c.rl.max_staleness
-    worker = RolloutWorker(producer, start=step, stop=c.steps, staleness=k, floor=step, place=place, saved=batches)
+    stop = c.steps if stop_at is None else min(c.steps, stop_at + k)
+    worker = RolloutWorker(producer, start=step, stop=stop, staleness=k, floor=step, place=place, saved=batches)
     worker.publish(step, params)
     return worker
 
@@ -228,15 +230,24 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     if r.max_staleness or rollout_mesh is not mesh:  # rollouts in a thread, `max_staleness` versions behind
         producer = Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample)
         own = None if rollout_mesh is mesh else rollout_mesh
-        worker = start_worker(c, cfg, producer, own, step=start, data=data, params=state["params"], workdir=workdir)
+        worker = start_worker(
+            c, cfg, producer, own, step=start, data=data, params=state["params"], workdir=workdir, stop_at=stop_at
+        )
+
+    written = {}
 
     def data_state(step):
+        if step in written:  # a periodic save, then the final one at the same step: the save is skipped
+            return written[step]
+        if step == start and data is not None:  # the checkpoint resumed from: kept as it is, with its batches
+            return data
         d = {"step": step}
         if worker is not None:  # the batches sampled by versions this checkpoint cannot recreate
             batches = worker.pending(step, min(step + r.max_staleness, c.steps))
             if run.primary:
                 rollouts.save(workdir, step, batches, keep=run.ckpt.steps())
             d["rollouts"] = len(batches)
+        written[step] = d
         return d
 
     def body(state, step):

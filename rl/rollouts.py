@@ -146,7 +146,10 @@ def load(workdir: str, step: int, count: int) -> list[dict]:
         out = [{} for _ in range(count)]
         for name in z.files:
             i, _, k = name.partition("/")
-            out[int(i)][k] = z[name]
+            if int(i) < count:
+                out[int(i)][k] = z[name]
+    if any(not b for b in out):
+        raise ValueError(f"{p} holds fewer than the {count} rollout batches its checkpoint lists")
     for i, b in enumerate(out):
         if int(b["step"]) != step + i:
             raise ValueError(f"{p}: batch {i} is of step {int(b['step'])}, expected {step + i}")

@@ -45,9 +45,11 @@ class RolloutWorker:
 
     def publish(self, version: int, params) -> None:
         """Make `version` available to the worker (a copy on the rollout devices); older versions no
-        batch still needs are dropped."""
-        if version < self.version_of(self.next) and self.next < self.stop:
-            return  # (no batch left to produce needs it)
+        batch still needs are dropped by the thread. A version past the last batch's is not copied:
+        decided from `stop` alone, not from the thread's progress, so every process decides alike
+        (the copy may be a collective)."""
+        if version > self.version_of(self.stop - 1):
+            return
         placed = self.place(params)
         with self.cond:
             self.versions[version] = placed
@@ -77,6 +79,8 @@ class RolloutWorker:
             self.closing = True
             self.cond.notify_all()
         self.thread.join()
+        self.versions.clear()  # (the params copies: not held through the run's final evaluation)
+        self.batches.clear()
 
     def _check(self) -> None:
         if self.error is not None:

@@ -69,6 +69,20 @@ def test_worker_runs_at_most_k_plus_one_batches_ahead():
     w.close()
 
 
+def test_worker_copies_only_the_versions_a_batch_needs():
+    placed = []
+    w = RolloutWorker(
+        lambda p, s, v: {"step": np.asarray(s)}, start=0, stop=6, staleness=2, floor=0, place=placed.append
+    )
+    for v in range(7):  # the learner publishes after every step; batch 5 needs version 3 at most
+        w.publish(v, f"v{v}")
+        if v < 6:
+            w.get(v)
+    w.close()
+    assert placed == ["v0", "v1", "v2", "v3"]
+    assert not w.versions and not w.batches  # nothing held once closed
+
+
 def test_worker_error_reaches_the_learner():
     def produce(params, step, version):
         if step == 2:
@@ -192,3 +206,19 @@ def test_killed_async_run_resumes_without_losing_or_repeating_a_batch(tmp_path, 
 def test_missing_rollouts_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"step_4\.npz is missing"):
         rollouts.load(str(tmp_path), 4, 2)
+
+
+@pytest.mark.slow
+def test_a_stop_at_the_resumed_step_keeps_its_checkpoint_loadable(tmp_path):
+    """Resume with another K and stop at once: the checkpoint resumed from is not rewritten (its saved
+    batch count and file still agree), and the run then resumes and finishes."""
+    wd = str(tmp_path)
+    c = small_toy({"steps": 4, "rl.max_staleness": 1, "checkpoint.every": 2, "eval.every": 100, **ASYNC})
+    assert train(c, wd, progress=False, stop_at=2)["end_step"] == 2
+    c2 = small_toy({"steps": 4, "rl.max_staleness": 2, "checkpoint.every": 2, "eval.every": 100, **ASYNC})
+    assert train(c2, wd, progress=False, stop_at=2)["end_step"] == 2
+    assert len(rollouts.load(wd, 2, 1)) == 1
+    done = train(c2, wd, progress=False)
+    assert done["start_step"] == 2 and done["end_step"] == 4
+    # batch 2 was saved by the K = 1 run (version 1); batch 3 needs version 1, gone: the floor, 2
+    assert [r["staleness_max"] for r in rows(wd, "loss")] == [0, 1, 1, 1]
