@@ -35,7 +35,6 @@ class RolloutWorker:
         self.versions: dict[int, object] = {}
         self.error: BaseException | None = None
         self.closing = False
-        self.wait_s = 0.0  # the worker's time waiting for a version (it is ahead of the learner)
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="rollout-worker", daemon=True)
         self.thread.start()
@@ -99,7 +98,6 @@ class RolloutWorker:
                     while v not in self.versions and not self.closing:
                         self.cond.wait()
                     waited = time.perf_counter() - t0
-                    self.wait_s += waited
                     if self.closing:
                         return
                     for old in [u for u in self.versions if u < v]:  # no later batch needs them

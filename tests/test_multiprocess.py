@@ -93,27 +93,17 @@ def _env(process_id: int, port: int, cache_dir: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _pair(workdir, steps: int, cache_dir: str, *extra: str):
-    """Starts both processes; yields (procs, outs). On leaving the block any process still running
-    is killed (only these two) and outs gets each one's output."""
-    port = _free_port()
-    args = [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}", f"--config.steps={steps}"]
-    logs = [open(f"{workdir}.{steps}.p{i}.log", "w+") for i in range(PROCS)]  # noqa: SIM115 - closed below
+def _processes(commands, envs, log_prefix: str):
+    """Starts one process per (command, env); yields (procs, outs). Output goes to files (no pipe
+    can fill up and stall a process); on leaving the block any process still running is killed
+    (only these) and outs gets each one's output."""
+    logs = [open(f"{log_prefix}.p{i}.log", "w+") for i in range(len(commands))]  # noqa: SIM115 - closed below
     procs, outs = [], []
     try:
-        for i in range(PROCS):  # output to files: no pipe can fill up and stall a process
-            procs.append(
-                subprocess.Popen(
-                    [*args, *FLAGS, *extra],
-                    cwd=ROOT,
-                    env=_env(i, port, cache_dir),
-                    stdout=logs[i],
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
+        for cmd, env, log in zip(commands, envs, logs, strict=True):
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
         yield procs, outs
-    finally:  # only these processes, whatever happened
+    finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
@@ -122,6 +112,14 @@ def _pair(workdir, steps: int, cache_dir: str, *extra: str):
             f.seek(0)
             outs.append(f.read())
             f.close()
+
+
+def _pair(workdir, steps: int, cache_dir: str, *extra: str):
+    """Starts both pretraining processes (`_processes`)."""
+    port = _free_port()
+    args = [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}", f"--config.steps={steps}"]
+    envs = [_env(i, port, cache_dir) for i in range(PROCS)]
+    return _processes([[*args, *FLAGS, *extra]] * PROCS, envs, f"{workdir}.{steps}")
 
 
 def _wait(procs, timeout_s: float) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -29,7 +28,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the driver imports its sibling modules
 
-from test_multiprocess import _free_port, _hostname_is_loopback, _report, _wait  # noqa: E402
+from test_multiprocess import _free_port, _hostname_is_loopback, _processes, _report, _wait  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCS, DEVICES_PER_PROC = 2, 4
@@ -83,23 +82,9 @@ def _launch(workdir, cache_dir: str | None, *, procs=PROCS, stop_at: int = 0, dr
     port = _free_port()
     args = [sys.executable, os.path.abspath(__file__)]
     args += ["copy_to"] if driver == "copy_to" else [str(workdir), json.dumps(CONFIG), str(stop_at)]
-    tag = f"{workdir}.{stop_at}"
-    logs = [open(f"{tag}.p{i}.log", "w+") for i in range(procs)]  # noqa: SIM115 - closed below
-    running, outs = [], []
-    try:
-        for i in range(procs):  # output to files: no pipe can fill up and stall a process
-            env = _env(i if procs > 1 else None, port, cache_dir, DEVICES_PER_PROC if procs > 1 else 8)
-            running.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT))
+    envs = [_env(i if procs > 1 else None, port, cache_dir, DEVICES_PER_PROC if procs > 1 else 8) for i in range(procs)]
+    with _processes([args] * procs, envs, f"{workdir}.{stop_at}") as (running, outs):
         finished = _wait(running, TIMEOUT_S)
-    finally:  # only these processes, whatever happened
-        for p in running:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for f in logs:
-            f.seek(0)
-            outs.append(f.read())
-            f.close()
     report = _report(running, outs)
     assert finished, f"not finished within {TIMEOUT_S} s (or one failed and the other was killed)\n{report}"
     assert [p.returncode for p in running] == [0] * procs, report

@@ -131,8 +131,15 @@ def test_a_rollout_mesh_needs_free_devices(tmp_path):
         train(c, str(tmp_path), progress=False)
 
 
-def test_max_staleness_1_with_mismatch_correction_is_valid():
-    validate(small_toy({"rl.max_staleness": 1, "rl.mismatch.mode": "tis"}))
+@pytest.mark.parametrize("ratio", [{"rl.old_logp": "sampler"}, {"rl.mismatch.mode": "tis"}])
+def test_max_staleness_needs_the_behaviour_policy_in_the_ratio(ratio):
+    """K > 0 is accepted with sampler log-probs or a mismatch correction, refused with neither."""
+    c = small_toy({"rl.max_staleness": 1, **ratio})
+    validate(c)  # accepted
+    with c.unlocked():
+        c.rl.old_logp, c.rl.mismatch.mode = "trainer", "none"
+    with pytest.raises(ValueError, match=r"config\.rl\.max_staleness="):
+        validate(c)
 
 
 # --- runs ---
