@@ -2,6 +2,8 @@
 
     python -m experiments.aot --config configs/pretrain_m1_full.py --topology v5p:8x8x8 [--step both]
         [--config.seq_len=32768 --config.mesh.expert=8 ...] [--rl_prompt_len 2048] [--out aot.json]
+    python -m experiments.aot --config configs/pretrain_m1_full.py --topology v5p:4x4x4 --step decode \
+        --rl_prompt_len 2048 --decode_len 81920 --slots 64 [--config.mesh.* for the rollout slice]
 
 Needs libtpu (`pip install "jax[tpu]"`, the `tpu` extra) but no TPU: `jax.experimental.topologies`
 describes the slice, the step is lowered with abstract inputs (nothing is allocated) and compiled
@@ -11,6 +13,16 @@ analysis (arguments, outputs, temporaries, aliased donations, the peak estimate 
 scanned layers and micro-batches it undercounts) and the analytic model count of `m1jax.train.flops`.
 A step that does not fit is reported as such, with its numbers, and the exit status is 1; a compile
 error (for example an out-of-memory from the compiler) is reported in the JSON with its message.
+
+`--step decode` compiles the rollout engine's decode program (`rl.engine.decode`: the whole sampling
+loop over `--slots` slots, each with a cache of prompt + `--decode_len` positions) with weights in the
+compute dtype (bf16), the engine state laid out by `rl.engine.state_shardings` (slots over the batch
+axes, heads over "tensor") and donated, as a rollout slice would run it.
+
+`--step prefill` compiles the prefill of one prompt of `seq_len` tokens (e.g. 1M:
+`--config.seq_len=1048576`) into a rollout cache, under the mesh's sequence parallelism (LASP-2 for the
+lightning layers, all-gathered keys and values for the softmax layers): bf16 weights, the softmax
+cache's positions over "sequence", and only the last position's logits (the first sampled token).
 
 `dtype` / `moe_impl` / `lightning_impl` "auto" resolve for the *target* with the model's own resolvers
 (ragged_dot experts; the Mosaic lightning kernel, run per shard since the steps trace under the
@@ -29,11 +41,16 @@ from experiments import cli
 
 _CONFIG = cli.config_flag(None, "pretraining config file")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:8x8x8, v5e:4x4, v4:2x2x2")
-_STEP = flags.DEFINE_enum("step", "both", ["pretrain", "cispo", "both"], "which step(s) to compile")
-_RL_PROMPT = flags.DEFINE_integer("rl_prompt_len", 0, "CISPO prompt length (0: seq_len / 4)")
+_STEP = flags.DEFINE_enum(
+    "step", "both", ["pretrain", "cispo", "both", "decode", "prefill"], "step(s) to compile (both: pretrain, cispo)"
+)
+_RL_PROMPT = flags.DEFINE_integer("rl_prompt_len", 0, "CISPO / rollout prompt length (0: seq_len / 4)")
+_SLOTS = flags.DEFINE_integer("slots", 0, "decode: rollout-engine slots (0: one per batch-parallel chip)")
+_DECODE_LEN = flags.DEFINE_integer("decode_len", 0, "decode: new tokens per sample (0: seq_len - prompt)")
 _OUT = flags.DEFINE_string("out", "", "also write the JSON report here")
 
 GIB = 2**30
+STEPS = ("pretrain", "cispo", "decode", "prefill")
 # HBM per chip by device kind (public TPU specs); unknown kinds report fits=None.
 # Matched in order: a v5p reports its kind as "TPU v5", a v5e as "TPU v5 lite".
 HBM_GIB = (("v5 lite", 16.0), ("v5e", 16.0), ("v5", 95.0), ("v6", 32.0), ("v4", 32.0), ("v3", 32.0), ("v2", 16.0))
@@ -87,6 +104,19 @@ def xla_flops(compiled) -> float | None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def bytes_per_chip(tree) -> int:
+    """Bytes of one chip's shards of a pytree of sharded shapes (before the TPU's tile padding)."""
+    import numpy as np
+
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in _leaves(tree))
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
 
 
 def _compile(lowered_fn, device_kind: str) -> dict:
@@ -169,7 +199,100 @@ def cispo_step(c, cfg, mesh, device_kind: str, prompt_len: int) -> dict:
     return rep
 
 
-def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
+def decode_program(c, cfg, mesh, device_kind: str, prompt_len: int, new_tokens: int, slots: int) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from m1jax import parallel
+    from m1jax import sharding as shd
+    from m1jax.model import abstract_params
+    from rl import config as rl_config
+    from rl import engine
+    from rl.sampler import SamplingParams
+
+    rcfg = cfg.replace(param_dtype=cfg.dtype, lm_head_fp32=True)  # serving weights; fp32 log-probs
+    sds = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+    params = jax.tree.map(sds, nn.unbox(abstract_params(rcfg)), shd.param_shardings(rcfg, mesh))
+    max_len = prompt_len + new_tokens
+    init = lambda p: engine.init_state(rcfg, p, slots, max_len, slots, new_tokens, 0)
+    st = jax.eval_shape(init, params)
+    layout = engine.state_shardings(st, mesh)
+    st = jax.tree.map(sds, st, layout)
+    whole = NamedSharding(mesh, PartitionSpec())
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=whole)
+    need = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+    s = rl_config.base_config().rl.sampling
+    sp = SamplingParams(max_new_tokens=new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    fn = jax.jit(engine.decode, static_argnums=(0, 1), donate_argnums=(3,), out_shardings=layout)
+
+    def lower():
+        with parallel.mesh_context(mesh):
+            return fn.lower(rcfg, sp, params, st, rng, need)
+
+    rep = _compile(lower, device_kind)
+    state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st))
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    rep.update(
+        slots=slots,
+        prompt_len=prompt_len,
+        decode_len=new_tokens,
+        max_len=max_len,
+        weights_bytes=weights,
+        engine_state_bytes=state,
+        engine_state_bytes_per_slot=state / slots,
+        engine_state_bytes_per_chip=bytes_per_chip(st),
+        weights_bytes_per_chip=bytes_per_chip(params),
+        note="xla_flops_per_chip counts the while-loop body (one decode step of every slot) once",
+    )
+    return rep
+
+
+def prefill_program(c, cfg, mesh, device_kind: str) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from m1jax import parallel
+    from m1jax import sharding as shd
+    from m1jax.model import M1Model, abstract_params, head_weight, lm_head
+    from rl import engine
+
+    rcfg = cfg.replace(param_dtype=cfg.dtype, lm_head_fp32=True)
+    sds = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+    params = jax.tree.map(sds, nn.unbox(abstract_params(rcfg)), shd.param_shardings(rcfg, mesh))
+    t = c.seq_len
+    tokens = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=shd.batch_sharding(mesh))
+
+    def prefill_last(params, tokens):  # [1, T] -> (last logits fp32 [1, V], cache of T positions)
+        x, _, cache = M1Model(rcfg).apply(
+            {"params": params}, tokens, mode="prefill", max_len=t, hidden=True, method=M1Model.run
+        )
+        return lm_head(rcfg, x[:, -1], head_weight(rcfg, params)), cache
+
+    cache = jax.eval_shape(prefill_last, params, tokens)[1]
+    layout = engine.state_shardings({"cache": cache}, mesh, length="sequence")["cache"]
+    cache = jax.tree.map(sds, cache, layout)
+    fn = jax.jit(prefill_last, out_shardings=(NamedSharding(mesh, PartitionSpec()), layout))
+
+    def lower():
+        with parallel.mesh_context(mesh):
+            return fn.lower(params, tokens)
+
+    rep = _compile(lower, device_kind)
+    rep.update(
+        prompt_len=t,
+        weights_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
+        cache_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)),
+        cache_bytes_per_chip=bytes_per_chip(cache),
+        weights_bytes_per_chip=bytes_per_chip(params),
+    )
+    return rep
+
+
+def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0, *, slots: int = 0, decode_len: int = 0) -> dict:
     """Compile the chosen steps for `topology`; returns the report (see the module docstring)."""
     from m1jax import sharding as shd
     from m1jax.summary import param_counts
@@ -184,6 +307,16 @@ def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
     prompt = rl_prompt_len or c.seq_len // 4
     if step in ("cispo", "both") and not 0 < prompt < c.seq_len:  # checked before anything compiles
         raise SystemExit(f"error: --rl_prompt_len={prompt} must lie in (0, seq_len={c.seq_len})")
+    from m1jax.mesh import batch_parallel
+
+    dp = batch_parallel(mesh.shape)
+    slots = slots or dp
+    new_tokens = decode_len or c.seq_len - prompt
+    if step == "decode" and (slots % dp or new_tokens < 1 or prompt < 1):
+        raise SystemExit(
+            f"error: --slots={slots} must be a multiple of the {dp} batch-parallel chips of mesh "
+            f"{dict(mesh.shape)}, --decode_len={new_tokens} and --rl_prompt_len={prompt} positive"
+        )
     kind = devices[0].device_kind
     counts = param_counts(cfg)
     report = {
@@ -203,9 +336,17 @@ def run(c, topology: str, step: str = "both", rl_prompt_len: int = 0) -> dict:
         report["pretrain"] = pretrain_step(c, cfg, mesh, kind)
     if step in ("cispo", "both"):
         report["cispo"] = cispo_step(c, cfg, mesh, kind, prompt)
-    steps = [report[s] for s in ("pretrain", "cispo") if s in report]
+    if step == "decode":
+        report["decode"] = decode_program(c, cfg, mesh, kind, prompt, new_tokens, slots)
+    if step == "prefill":
+        report["prefill"] = prefill_program(c, cfg, mesh, kind)
+    steps = [report[s] for s in STEPS if s in report]
     report["fits"] = None if any(s["fits"] is None for s in steps) else all(s["fits"] for s in steps)
     return report
+
+
+def _decode_flags() -> dict:
+    return {"slots": _SLOTS.value, "decode_len": _DECODE_LEN.value}
 
 
 def main(argv) -> None:
@@ -216,13 +357,13 @@ def main(argv) -> None:
     if _CONFIG.value is None:
         raise SystemExit("error: --config is required (e.g. configs/pretrain_m1_full.py)")
     with cli.main_errors():  # config errors: one line
-        report = run(_CONFIG.value, _TOPOLOGY.value, _STEP.value, _RL_PROMPT.value)
+        report = run(_CONFIG.value, _TOPOLOGY.value, _STEP.value, _RL_PROMPT.value, **_decode_flags())
     text = json.dumps(report, indent=2)
     print(text)
     if _OUT.value:
         with open(_OUT.value, "w") as fh:
             fh.write(text + "\n")
-    for s in ("pretrain", "cispo"):
+    for s in STEPS:
         if s in report and report[s]["fits"] is False:
             peak = report[s].get("peak_gib")
             what = report[s].get("error") or f"needs {peak:.1f} GiB per chip, the chip has {report[s]['hbm_gib']:.0f}"

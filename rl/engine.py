@@ -88,6 +88,40 @@ def init_state(
     }
 
 
+def state_shardings(state, mesh, length=None) -> dict:
+    """NamedShardings for an engine state (arrays or shapes) on a rollout mesh: slots and result rows
+    over the batch axes ("data", "fsdp", "expert"), heads over "tensor": lightning states
+    [n, r, S, H, Dk, Dv], softmax K/V [n, r, S, T, Hkv, D], per-slot [S, ...], results [R, ...].
+    `length`: a mesh axis for the K/V positions T (a long prefill's cache, sequence parallel).
+    A dimension the axes do not divide stays whole. Used to compile engine programs ahead of time."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from m1jax.mesh import BATCH_AXES
+
+    batch = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
+
+    def fits(size, axes):
+        names = (axes,) if isinstance(axes, str) else axes or ()
+        return size % int(np.prod([mesh.shape[a] for a in names])) == 0
+
+    def spec(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        dims = [None] * len(leaf.shape)
+        if keys[-1] == "steps":
+            pass
+        elif keys[0] == "cache" and keys[-1] in ("state", "k", "v"):  # [n, r, S, ...]
+            dims[2] = batch
+            dims[3 if keys[-1] == "state" else 4] = "tensor"
+            if keys[-1] != "state":
+                dims[3] = length
+        elif leaf.shape:  # [S, ...] per slot or [R, ...] per result row
+            dims[0] = batch
+        dims = [a if a is not None and fits(n, a) else None for n, a in zip(leaf.shape, dims, strict=True)]
+        return NamedSharding(mesh, PartitionSpec(*dims))
+
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
 def insert(cfg: ModelConfig, params, st: dict, prompts, lengths, src, slot_ids, sample_ids) -> dict:
     """Prefill prompts [Q, Pb] (left-padded, lengths [Q]) once each; slot `slot_ids[m]` starts
     sample `sample_ids[m]` from prompt `src[m]` (m < S; padding entries use slot id S: dropped)."""

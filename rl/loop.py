@@ -186,6 +186,12 @@ def start_worker(c, cfg, producer: Producer, rollout_mesh, *, step: int, data, p
             f"sampled by version {step} (less stale than in an uninterrupted run)"
         )
     k = c.rl.max_staleness
+    if len(batches) > k:  # K shrank since the save: those batches exist, so they are used (none is lost)
+        worst = max(int(b["step"]) - int(b["version"]) for b in batches)
+        log.warning(
+            f"resuming at step {step} with {len(batches)} saved rollout batch(es) for max_staleness={k}: they are "
+            f"trained on as saved (staleness up to {worst}); max_staleness={k} holds from step {step + len(batches)}"
+        )
     stop = c.steps if stop_at is None else min(c.steps, stop_at + k)
     worker = RolloutWorker(producer, start=step, stop=stop, staleness=k, floor=step, place=place, saved=batches)
     worker.publish(step, params)
@@ -227,6 +233,12 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         summary["initial"] = first
 
     worker = None
+    if (data or {}).get("rollouts") and not r.max_staleness and rollout_mesh is mesh:
+        log.warning(
+            f"the checkpoint at step {start} saved {data['rollouts']} rollout batch(es) sampled by older policies; "
+            "with max_staleness=0 they are not used: those steps are sampled again by the current policy "
+            "(same prompts and keys)"
+        )
     if r.max_staleness or rollout_mesh is not mesh:  # rollouts in a thread, `max_staleness` versions behind
         producer = Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample)
         own = None if rollout_mesh is mesh else rollout_mesh

@@ -103,3 +103,48 @@ def test_aot_compiles_expert_and_sequence_parallel_steps_for_v5p():
     assert r["mesh"]["expert"] == 2 and r["mesh"]["sequence"] == 2
     assert r["lightning_impl"] == "pallas_tpu" and r["dtype"] == "bfloat16" and r["moe_capacity_factor"] == 1.5
     assert all(r[s]["compiled"] and r[s]["fits"] for s in ("pretrain", "cispo")), r
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the tpu extra)")
+def test_aot_compiles_rollout_engine_decode_for_v5p():
+    """The rollout engine's decode program compiles for a TPU slice with the engine state sharded:
+    slots over the batch axes, heads over "tensor", experts over "expert"; the state is donated."""
+    from experiments import aot
+    from m1jax.train import config as tc
+
+    c = tc.base_config()
+    c.model.update(preset="tiny", vocab_size=96, num_local_experts=4, dtype="auto")
+    c.update(batch_size=4, seq_len=256)
+    c.mesh.update(expert=2, tensor=2)
+    r = aot.run(c, "v5p:2x2x1", "decode", rl_prompt_len=64, slots=4, decode_len=192)
+    d = r["decode"]
+    assert d["compiled"] and d["fits"] is True, d
+    assert d["slots"] == 4 and d["max_len"] == 256 and d["xla_flops_per_chip"] > 0
+    assert d["alias_bytes"] > 0  # the donated engine state is updated in place
+    # each chip holds its 2 of the 4 slots and half the heads: well under the whole state
+    assert 0 < d["argument_bytes"] < d["weights_bytes"] + d["engine_state_bytes"]
+    assert "pretrain" not in r and r["fits"] is True
+    with pytest.raises(SystemExit, match="--slots=3 must be a multiple of the 2 batch-parallel"):
+        aot.run(c, "v5p:2x2x1", "decode", rl_prompt_len=64, slots=3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (the tpu extra)")
+def test_aot_compiles_sequence_parallel_prefill_for_v5p():
+    """A long prompt's prefill compiles with sequence parallelism: the cache's softmax positions
+    are split over "sequence" (each chip holds a quarter of them), only the last logits come back."""
+    from experiments import aot
+    from m1jax.train import config as tc
+
+    c = tc.base_config()
+    c.model.update(preset="tiny", vocab_size=96, dtype="auto")
+    c.update(batch_size=2, seq_len=1024)
+    c.mesh.update(sequence=4)
+    r = aot.run(c, "v5p:2x2x1", "prefill")
+    p = r["prefill"]
+    assert p["compiled"] and p["fits"] is True and p["prompt_len"] == 1024, p
+    # per chip: a quarter of the K/V positions, the whole lightning states (heads are not split here)
+    kv = 2 * 1024 * 2 * 16 * 2  # k and v, 1024 positions, tiny's 2 KV heads of 16, bf16
+    assert p["cache_bytes_per_chip"] == p["cache_bytes"] - kv + kv // 4
+    assert p["output_bytes"] >= p["cache_bytes_per_chip"]

@@ -229,3 +229,25 @@ def test_a_stop_at_the_resumed_step_keeps_its_checkpoint_loadable(tmp_path):
     assert done["start_step"] == 2 and done["end_step"] == 4
     # batch 2 was saved by the K = 1 run (version 1); batch 3 needs version 1, gone: the floor, 2
     assert [r["staleness_max"] for r in rows(wd, "loss")] == [0, 1, 1, 1]
+
+
+@pytest.mark.slow
+def test_resuming_with_a_smaller_staleness_uses_the_saved_batches_and_says_so(tmp_path, caplog):
+    """A K = 2 checkpoint resumed at K = 1 trains on its 2 saved batches as they are (staleness 2,
+    none lost) with a warning; resumed at K = 0 they are sampled again, also with a warning."""
+    kw = {"steps": 5, "checkpoint.every": 2, "eval.every": 100, **ASYNC}
+    for k in (1, 0):
+        wd = str(tmp_path / f"k{k}")
+        assert train(small_toy({**kw, "rl.max_staleness": 2}), wd, progress=False, stop_at=2)["end_step"] == 2
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="m1jax"):
+            done = train(small_toy({**kw, "rl.max_staleness": k}), wd, progress=False)
+        assert done["start_step"] == 2 and done["end_step"] == 5
+        text = caplog.text
+        stale = [r["staleness_max"] for r in rows(wd, "loss")]
+        if k == 1:
+            assert "2 saved rollout batch(es) for max_staleness=1" in text and "staleness up to 2" in text
+            assert stale == [0, 1, 2, 2, 1]  # steps 3, 4 as saved by the K = 2 run; step 5 by version 4
+        else:
+            assert "with max_staleness=0 they are not used" in text
+            assert stale == [0, 1, 0, 0, 0]
