@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
             # Prompts are left-padded to a multiple of this (one compiled program per multiple). The
             # padding is computed on in every forward and update, so short prompts want a small one.
             "pad_multiple": 32,
+            # Partial rollouts (rl.partial): the engine keeps its slots busy with the next prompts and a
+            # step's generation ends once its P groups are complete; responses still running continue in
+            # the next step under the new policy, each token keeping the version that sampled it.
+            "partial": False,
         }
     )
     # DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward of each response:
@@ -230,6 +234,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "> 0 samples with an older policy, so the ratio must involve its log-probs: set rl.old_logp='sampler', "
         "or keep 'trainer' with a behaviour correction (rl.mismatch.mode 'tis' or 'mis')",
     )
+    if s.partial:
+        need(
+            r.old_logp == "sampler" or m.mode != "none",
+            "rl.sampling.partial",
+            "carries responses across policy versions, so the ratio must involve the sampler's log-probs: set "
+            "rl.old_logp='sampler', or keep 'trainer' with a behaviour correction (rl.mismatch.mode 'tis' or 'mis')",
+        )
+        need(not m.router_replay, "rl.sampling.partial", "records no routes yet: turn off rl.mismatch.router_replay")
     for a, n in r.rollout_mesh.items():
         need(a in c.mesh, f"rl.rollout_mesh.{a}", f"is not a mesh axis (axes: {', '.join(c.mesh)})")
         need(int(n) == n >= 0, f"rl.rollout_mesh.{a}", "must be an integer >= 0 (all 0 = share the learner's mesh)")

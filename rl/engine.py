@@ -79,7 +79,8 @@ def init_state(
         "pos": jnp.zeros((slots,), jnp.int32),  # tokens generated so far
         "live": jnp.zeros((slots,), bool),
         "run": jnp.zeros((slots,), jnp.int32),  # confident-run counter
-        "sid": jnp.full((slots,), rows, jnp.int32),  # sample id; `rows` = free (writes are dropped)
+        "sid": jnp.full((slots,), rows, jnp.int32),  # result row; `rows` = free (writes are dropped)
+        "kid": jnp.zeros((slots,), jnp.int32),  # the sample's key id (its tokens' random stream)
         "tokens": jnp.full((rows, n), pad_id, jnp.int32),
         "logp": jnp.zeros((rows, n), _F32),
         "length": jnp.zeros((rows,), jnp.int32),
@@ -122,9 +123,12 @@ def state_shardings(state, mesh, length=None) -> dict:
     return jax.tree_util.tree_map_with_path(spec, state)
 
 
-def insert(cfg: ModelConfig, params, st: dict, prompts, lengths, src, slot_ids, sample_ids) -> dict:
+def insert(cfg: ModelConfig, params, st, prompts, lengths, src, slot_ids, sample_ids, key_ids, pos0, run0) -> dict:
     """Prefill prompts [Q, Pb] (left-padded, lengths [Q]) once each; slot `slot_ids[m]` starts
-    sample `sample_ids[m]` from prompt `src[m]` (m < S; padding entries use slot id S: dropped)."""
+    sample `sample_ids[m]` (its result row; key id `key_ids[m]`) from prompt `src[m]` (m < S; padding
+    entries use slot id S: dropped). A sample resumed mid-response (`rl.partial`) was prefilled with
+    its `pos0[m]` tokens so far after the prompt and continues at token `pos0[m]`, its confident-run
+    counter at `run0[m]`; a new one has both 0."""
     TRACES["insert"] += 1
     pb = prompts.shape[1]
     record = "routes" in st
@@ -152,10 +156,11 @@ def insert(cfg: ModelConfig, params, st: dict, prompts, lengths, src, slot_ids, 
         **extra,
         cache=cache,
         last=set_rows(st["last"], logits[src, -1].astype(_F32)),
-        pos=set_rows(st["pos"], 0),
+        pos=set_rows(st["pos"], pos0),
         live=set_rows(st["live"], True),
-        run=set_rows(st["run"], 0),
+        run=set_rows(st["run"], run0),
         sid=set_rows(st["sid"], sample_ids),
+        kid=set_rows(st["kid"], key_ids),
     )
 
 
@@ -174,13 +179,13 @@ def decode(cfg: ModelConfig, sp, params, st: dict, rng, need) -> dict:
         return jnp.any(live) & (jnp.sum(~live) < need)
 
     def body(st):
-        last, live, pos, sid = st["last"], st["live"], st["pos"], st["sid"]
+        last, live, pos, sid, kid = st["last"], st["live"], st["pos"], st["sid"], st["kid"]
         proc = process_logits(last, temperature=temp, top_k=sp.top_k, top_p=sp.top_p)
         logsm = jax.nn.log_softmax(proc, axis=-1)
         if sp.greedy:
             tok = jnp.argmax(proc, axis=-1)
         else:
-            keys = jax.vmap(lambda j, t: jax.random.fold_in(jax.random.fold_in(rng, j), t))(sid, pos)
+            keys = jax.vmap(lambda j, t: jax.random.fold_in(jax.random.fold_in(rng, j), t))(kid, pos)
             tok = jax.vmap(jax.random.categorical)(keys, proc)
         tok = jnp.where(live, tok, sp.pad_id).astype(jnp.int32)
         logp = jnp.take_along_axis(logsm, tok[:, None], axis=-1)[:, 0]
@@ -288,6 +293,7 @@ def _insert_args(prompts, take, slots: int, bucket, pad_id: int):
     src = np.zeros((slots,), np.int32)
     slot_ids = np.full((slots,), slots, np.int32)  # out of range: dropped
     sample_ids = np.zeros((slots,), np.int32)
+    zeros = np.zeros((slots,), np.int32)
     m = 0
     for k, (first, ss) in enumerate(take):
         p = prompts[first]
@@ -296,4 +302,4 @@ def _insert_args(prompts, take, slots: int, bucket, pad_id: int):
         for j, s in enumerate(ss):
             src[m], slot_ids[m], sample_ids[m] = k, s, first + j
             m += 1
-    return toks, lengths, src, slot_ids, sample_ids
+    return toks, lengths, src, slot_ids, sample_ids, sample_ids, zeros, zeros

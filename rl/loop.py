@@ -38,9 +38,9 @@ from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
 from m1jax.train.config import load_stored, model_config
 from m1jax.train.run import Run
+from rl import partial, rollouts
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
-from rl import rollouts
 from rl.config import loss_kwargs, max_new_tokens_at, reward_weights, rollout_axes, validate
 from rl.evaluate import evaluate, paired_change
 from rl.mismatch import behaviour_weights
@@ -234,13 +234,18 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
 
     worker = None
     if (data or {}).get("rollouts") and not r.max_staleness and rollout_mesh is mesh:
+        if r.sampling.partial:  # the carry after those batches would skip the responses they hold
+            raise ValueError(
+                f"config.rl.max_staleness=0: the checkpoint at step {start} saved {data['rollouts']} batch(es) of a "
+                f"partial-rollout run sampled ahead; resume it with max_staleness >= {data['rollouts']}"
+            )
         log.warning(
             f"the checkpoint at step {start} saved {data['rollouts']} rollout batch(es) sampled by older policies; "
             "with max_staleness=0 they are not used: those steps are sampled again by the current policy "
             "(same prompts and keys)"
         )
+    producer = Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample, stream=_stream(c, workdir, start, data))
     if r.max_staleness or rollout_mesh is not mesh:  # rollouts in a thread, `max_staleness` versions behind
-        producer = Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample)
         own = None if rollout_mesh is mesh else rollout_mesh
         worker = start_worker(
             c, cfg, producer, own, step=start, data=data, params=state["params"], workdir=workdir, stop_at=stop_at
@@ -254,17 +259,23 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         if step == start and data is not None:  # the checkpoint resumed from: kept as it is, with its batches
             return data
         d = {"step": step}
+        batches = []
         if worker is not None:  # the batches sampled by versions this checkpoint cannot recreate
             batches = worker.pending(step, min(step + r.max_staleness, c.steps))
-            if run.primary:
-                rollouts.save(workdir, step, batches, keep=run.ckpt.steps())
             d["rollouts"] = len(batches)
+        carry = None
+        if producer.stream is not None:  # the responses carried past the last of them
+            carry = {k: v for k, v in batches[-1].items() if k.startswith("carry_")} if batches else None
+            carry = carry or producer.stream.snapshot()  # synchronous: the stream as it is now
+            d["carry"] = 1
+        if (worker is not None or carry is not None) and run.primary:
+            rollouts.save(workdir, step, batches, keep=run.ckpt.steps(), carry=carry)
         written[step] = d
         return d
 
     def body(state, step):
         if worker is None:
-            row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step)
+            row = rl_step(c, cfg, trainer, tokenizer, reward_fn, sp, state, ref_params, step, producer=producer)
         else:
             t0 = time.perf_counter()
             batch, _ = worker.get(step)
@@ -339,7 +350,18 @@ def _dispatch_logprobs(c, trainer: RLTrainer, params, ref_params, dev: dict):
     return trainer_logp, ref_logp
 
 
-def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_params, step: int) -> dict:
+def _stream(c, workdir: str, start: int, data) -> partial.Stream | None:
+    """The partial-rollout stream of a run at `start`: restored from its checkpoint, or new (a run
+    that did not carry: group ids continue after the prompts of its `start` steps)."""
+    if not c.rl.sampling.partial:
+        return None
+    g = c.rl.samples_per_prompt
+    if (data or {}).get("carry"):
+        return partial.Stream.restore(g, rollouts.load_carry(workdir, start))
+    return partial.Stream(g, next_gid=start * c.rl.prompts_per_step)
+
+
+def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_params, step: int, producer=None) -> dict:
     """One synchronous step (max_staleness = 0): roll out with the current policy, score, and update;
     returns the metrics row with the new state under "state".
 
@@ -354,7 +376,7 @@ def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_par
     and `kl` is their token-mean k3 KL to the reference at the step's start (before its updates).
     """
     t0 = time.perf_counter()
-    producer = Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample)
+    producer = producer or Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample)
     rollout, refs, budget = producer.generate(state["params"], step)
     t_gen = time.perf_counter()
     # The log-prob forwards need only the rollout: dispatched now, they run while the host scores it.
@@ -431,7 +453,11 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
     else:
         times = {"gen_time_s": t_gen - t0, "reward_time_s": t_reward - t_gen}
         gen_s = t_gen - t0
-    staleness = step - int(batch["version"])  # one version per batch: every token has this staleness
+    if "versions" in batch:  # partial rollouts: each token's own version
+        ages = (step - batch["versions"])[mask > 0]
+        staleness = (float(ages.mean()), int(ages.max())) if ages.size else (0.0, 0)
+    else:  # one version per batch: every token has this staleness
+        staleness = (float(step - int(batch["version"])), step - int(batch["version"]))
     row = {
         "reward": float(np.nanmean(rewards)) if finite else float("nan"),
         "reward_std": float(np.nanstd(rewards)) if finite else float("nan"),
@@ -447,8 +473,8 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
         "logp_gap_max": float(gap.max()) if on.any() else 0.0,
         "lr": lr,
         "skipped_updates": int(skipped),
-        "staleness_mean": float(staleness),
-        "staleness_max": staleness,
+        "staleness_mean": staleness[0],
+        "staleness_max": staleness[1],
         **times,
         "logprob_time_s": t_logp - t_reward,
         "update_time_s": t_update - t_logp,

@@ -27,12 +27,14 @@ import numpy as np
 
 from m1jax.config import ModelConfig
 from rl import advantages as adv_lib
+from rl import partial
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
 from rl.config import max_new_tokens_at, overlong_limits
 from rl.evaluate import decode_responses, exact
 from rl.sampler import FINISH_LENGTH, Rollout, SamplingParams, sample
 
+PARTIAL_STREAM = 0x7061  # folded into the seed: the partial-rollout sampling key of a run
 # With response_mask: what the log-prob forwards need (routes only with router replay).
 ROLLOUT_KEYS = ("prompt", "prompt_lengths", "tokens", "routes")
 
@@ -48,14 +50,21 @@ class Producer:
     reward_fn: object
     sp: SamplingParams
     sampler: object = sample  # (cfg, params, prompts, sp, key) -> Rollout; replaceable in tests
+    stream: partial.Stream | None = None  # with rl.sampling.partial: the responses carried between steps
 
-    def generate(self, params, step: int):
-        """(rollout on the device, finished; the references of its rows; its token budget)."""
+    def _pairs(self, step: int):
         c, r = self.c, self.c.rl
-        g = r.samples_per_prompt
-        pairs = prompt_lib.batch(
+        return prompt_lib.batch(
             c.data.source, c.data.seed, step, r.prompts_per_step, tasks=c.data.tasks, toy_length=c.data.toy_length
         )
+
+    def generate(self, params, step: int, version: int | None = None):
+        """(rollout on the device, finished; the references of its rows; its token budget)."""
+        c, r = self.c, self.c.rl
+        if self.stream is not None:
+            return self._generate_partial(params, step, step if version is None else version)
+        g = r.samples_per_prompt
+        pairs = self._pairs(step)
         prompts = [self.tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(g)]
         refs = [ref for _, ref in pairs for _ in range(g)]
         key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
@@ -66,6 +75,27 @@ class Producer:
         rollout = self.sampler(self.cfg, params, prompts, sp, key, pad_multiple=pad)
         rollout = jax.block_until_ready(rollout)  # dispatch is asynchronous
         return rollout, refs, budget
+
+    def _generate_partial(self, params, step: int, version: int):
+        """The step's batch from the group stream (`rl.partial`): a host Rollout with token versions."""
+        c, p = self.c, self.c.rl.prompts_per_step
+        pairs = {}
+
+        def pair(gid):  # group gid = prompt gid % P of the step-batch gid // P
+            if gid // p not in pairs:
+                pairs[gid // p] = self._pairs(gid // p)
+            return pairs[gid // p][gid % p]
+
+        budget = max_new_tokens_at(c, step)
+        sp = dataclasses.replace(self.sp, max_new_tokens=budget)
+        slots = sp.slots or p * self.stream.size
+        key = jax.random.fold_in(jax.random.PRNGKey(c.seed), PARTIAL_STREAM)  # one stream for the whole run
+        prompt_of = lambda gid: self.tokenizer.encode(pair(gid)[0], bos=True)
+        kw = dict(want=p, version=version, rng=key, slots=slots, pad_multiple=c.rl.sampling.pad_multiple)
+        groups = partial.generate(self.cfg, sp, params, self.stream, prompt_of, **kw)
+        rollout, versions = partial.to_rollout(groups, budget, sp.pad_id, c.rl.sampling.pad_multiple)
+        refs = [pair(s.gid)[1] for grp in groups for s in grp]
+        return rollout._replace(versions=versions), refs, budget
 
     def score(self, host: Rollout, refs, budget: int, *, step: int, version: int, gen_time_s: float) -> dict:
         """The batch dict (module docstring) of a host rollout: rewards, advantages, weights."""
@@ -98,6 +128,10 @@ class Producer:
         )
         if host.routes is not None:
             batch["routes"] = np.asarray(host.routes)  # [R, T + N, L, k], replayed by the trainer
+        if host.versions is not None:
+            batch["versions"] = np.asarray(host.versions)
+        if self.stream is not None:  # the responses carried past this batch (restored with a checkpoint)
+            batch.update(self.stream.snapshot())
         scalars = {"step": step, "version": version, "budget": budget, "gen_time_s": gen_time_s}
         batch.update({k: np.asarray(v) for k, v in scalars.items()})
         batch["reward_time_s"] = np.asarray(time.perf_counter() - t0)
@@ -105,7 +139,7 @@ class Producer:
 
     def __call__(self, params, step: int, version: int) -> dict:
         t0 = time.perf_counter()
-        rollout, refs, budget = self.generate(params, step)
+        rollout, refs, budget = self.generate(params, step, version)
         t_gen = time.perf_counter() - t0
         return self.score(jax.device_get(rollout), refs, budget, step=step, version=version, gen_time_s=t_gen)
 
@@ -117,14 +151,16 @@ def path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "rollouts", f"step_{step}.npz")
 
 
-def save(workdir: str, step: int, batches: list[dict], keep: list[int]) -> None:
-    """Write `batches` (consecutive steps) for the checkpoint at `step`, atomically (a kill mid-write
-    leaves the previous file set), and delete the files of steps not in `keep` (pruned checkpoints).
-    Written before the checkpoint itself, so a checkpoint never lacks its batches."""
+def save(workdir: str, step: int, batches: list[dict], keep: list[int], carry: dict | None = None) -> None:
+    """Write `batches` (consecutive steps) and the partial-rollout `carry` (`partial.Stream.snapshot`)
+    for the checkpoint at `step`, atomically (a kill mid-write leaves the previous file set), and
+    delete the files of steps not in `keep` (pruned checkpoints). Written before the checkpoint
+    itself, so a checkpoint never lacks its batches."""
     d = os.path.dirname(path(workdir, step))
     os.makedirs(d, exist_ok=True)
-    if batches:
+    if batches or carry:
         flat = {f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
+        flat.update({f"carry/{k}": v for k, v in (carry or {}).items()})
         fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **flat)
@@ -146,7 +182,7 @@ def load(workdir: str, step: int, count: int) -> list[dict]:
         out = [{} for _ in range(count)]
         for name in z.files:
             i, _, k = name.partition("/")
-            if int(i) < count:
+            if i != "carry" and int(i) < count:
                 out[int(i)][k] = z[name]
     if any(not b for b in out):
         raise ValueError(f"{p} holds fewer than the {count} rollout batches its checkpoint lists")
@@ -154,3 +190,12 @@ def load(workdir: str, step: int, count: int) -> list[dict]:
         if int(b["step"]) != step + i:
             raise ValueError(f"{p}: batch {i} is of step {int(b['step'])}, expected {step + i}")
     return out
+
+
+def load_carry(workdir: str, step: int) -> dict:
+    """The partial-rollout carry saved with the checkpoint at `step`."""
+    p = path(workdir, step)
+    if not os.path.exists(p):
+        raise ValueError(f"the checkpoint at step {step} lists carried partial rollouts but {p} is missing")
+    with np.load(p) as z:
+        return {name[6:]: z[name] for name in z.files if name.startswith("carry/")}

@@ -69,6 +69,7 @@ class Rollout(NamedTuple):
     lengths: jax.Array  # [B] response lengths
     finish: jax.Array  # [B] FINISH_STOP | FINISH_LENGTH | FINISH_CONFIDENT
     routes: np.ndarray | None = None  # [B, T + N, L, k] experts of every prompt and response token (record_routes)
+    versions: np.ndarray | None = None  # [B, N] the policy version that sampled each token (partial rollouts)
 
 
 def sample(
