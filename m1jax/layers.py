@@ -36,6 +36,7 @@ class Context(NamedTuple):
     index: int32 cache slot of the current token (decode only): a scalar, or [B] per row.
     start: [B] int32 first valid cache slot per row (prefill/decode; left padding).
     routes: [L, B, T, k] expert ids to replay in every layer's MoE (router replay), or None.
+    experts: decode only, the unsliced expert weights of the layers in scope (see `M1Model.run`).
     """
 
     positions: jax.Array
@@ -44,6 +45,7 @@ class Context(NamedTuple):
     index: jax.Array | None = None
     start: jax.Array | None = None
     routes: jax.Array | None = None
+    experts: tuple | None = None
 
 
 class RMSNorm(nn.Module):

@@ -34,10 +34,16 @@ class LightningAttention(nn.Module):
         w_out = param(self, "out", (h, d, c.hidden_size), ("heads", "head_dim", "embed"), init, pdt)
 
         x = x.astype(dt)
-        # Three projections rather than one: slicing q, k, v out of a [B, T, H, 3, D] product costs
-        # more (strided copies) than the smaller GEMMs.
         w = w_qkv.astype(dt)
-        q, k, v = (jax.nn.silu(project(x, w[:, :, i])) for i in range(3))  # [B, T, H, D]
+        if self.mode == "decode":
+            # One token: slicing q, k, v out of the product is cheap, slicing the weight (strided
+            # copies) is not.
+            qkv = jax.nn.silu(project(x, w))  # [B, 1, H, 3, D]
+            q, k, v = (qkv[:, :, :, i] for i in range(3))
+        else:
+            # Three projections rather than one: slicing q, k, v out of a [B, T, H, 3, D] product
+            # costs more (strided copies) than the smaller GEMMs.
+            q, k, v = (jax.nn.silu(project(x, w[:, :, i])) for i in range(3))  # [B, T, H, D]
 
         if self.mode == "decode":
             o, state = decode_step(q[:, 0], k[:, 0], v[:, 0], slopes, cache["state"])

@@ -17,7 +17,7 @@ from m1jax.config import LIGHTNING, ModelConfig, layer_plan
 from m1jax.kernels.lightning import run_ids
 from m1jax.layers import Context, RMSNorm, layer_slopes, param, project
 from m1jax.lightning_attention import LightningAttention
-from m1jax.moe import MoE, RouterStats, switch_aux_loss
+from m1jax.moe import MoE, RouterStats, resolve_impl, switch_aux_loss
 
 _F32 = jnp.float32
 _REMAT = {
@@ -51,7 +51,11 @@ class DecoderLayer(nn.Module):
         y = alpha * (h if c.postnorm else x) + beta * a
         z = RMSNorm(c.rms_norm_eps, ("embed",), pdt, name="post_norm")(y)
         routes = None if ctx.routes is None else ctx.routes[layer_idx]  # [B, T, k] of this layer
-        m, stats = MoE(c, name="moe")(z, ctx.valid, routes)
+        stacked = None
+        if ctx.experts is not None:  # this run's stacks and where its layer `base` sits (LayerGroup)
+            w1, w3, w2, g, base = ctx.experts
+            stacked = (w1, w3, w2, (g, layer_idx - base))
+        m, stats = MoE(c, name="moe")(z, ctx.valid, routes, stacked)
         out = c.layernorm_mlp_alpha * (z if c.postnorm else y) + c.layernorm_mlp_beta * m
         return out.astype(c.compute_dtype), (cache, stats)
 
@@ -87,7 +91,10 @@ class LayerGroup(nn.Module):
         for j, (kind, offset, length) in enumerate(pattern_runs(self.kinds)):
             layer_idx = self.first_layer + g * len(self.kinds) + offset + jnp.arange(length)
             stack = _layer_stack(self.cfg, self.mode)(self.cfg, kind, self.mode, self.max_len, name=f"run_{j}")
-            x, (cache, st) = stack(x, layer_idx, None if caches is None else caches[j], ctx)
+            run_ctx = ctx
+            if ctx.experts is not None:
+                run_ctx = ctx._replace(experts=(*ctx.experts[j], g, layer_idx[0]))
+            x, (cache, st) = stack(x, layer_idx, None if caches is None else caches[j], run_ctx)
             new_caches.append(cache)
             stats.append(st)
         stats = jax.tree.map(lambda *s: jnp.concatenate(s), *stats)  # [p, ...] in layer order
@@ -180,7 +187,8 @@ class M1Model(nn.Module):
             if not kinds:
                 continue
             stack = ScannedGroups(c, kinds, first, mode, max_len, name=name)
-            x, (caches, stats) = stack(x, jnp.arange(n), None if cache is None else cache[name], ctx)
+            stack_ctx = ctx._replace(experts=self._stacked_experts(name, kinds)) if mode == "decode" else ctx
+            x, (caches, stats) = stack(x, jnp.arange(n), None if cache is None else cache[name], stack_ctx)
             new_cache[name] = caches
             all_stats.append(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats))  # [n*p, ...]
 
@@ -203,6 +211,17 @@ class M1Model(nn.Module):
         index = jnp.asarray(t, jnp.int32) if mode == "prefill" else cache["index"] + 1
         new_cache.update(index=index, start=ctx.start)
         return logits, aux, new_cache
+
+    def _stacked_experts(self, name: str, kinds: tuple[int, ...]):
+        """Decode with the tiled experts: each run's unsliced (w1, w3, w2) [n, p, E, ...] of stack
+        `name`, for the MoE to slice one expert at a time (`moe._tiles_forward`: on CPU the layer
+        scan's slice of a layer's experts is a copy of them all). None otherwise."""
+        if resolve_impl(self.cfg.moe_impl) != "tiled" or self.is_initializing():
+            return None
+        p = nn.unbox(self.variables["params"][name])
+        return tuple(
+            tuple(p[f"run_{j}"]["moe"][w] for w in ("w1", "w3", "w2")) for j in range(len(pattern_runs(kinds)))
+        )
 
     @staticmethod
     def _context(tokens, segment_ids, positions, cache, mode, start) -> Context:

@@ -103,9 +103,11 @@ def tile_rows(num_assignments: int, num_experts: int) -> int:
     return min(128, 1 << (per_expert.bit_length() - 1))
 
 
-def experts_tiled(x, weights, ids, w1, w3, w2):
+def experts_tiled(x, weights, ids, w1, w3, w2, at: tuple = ()):
+    """`at`: w1/w3/w2 are stacks over more leading axes and the experts are w*[*at] (see `MoE`);
+    forward only."""
     n, k = ids.shape
-    e = w1.shape[0]
+    e = w1.shape[len(at)]
     nk = n * k
     m = tile_rows(nk, e)
     num_tiles = -(-(nk + e * (m - 1)) // m)  # static bound on sum_e ceil(size_e / m)
@@ -121,7 +123,10 @@ def experts_tiled(x, weights, ids, w1, w3, w2):
     # token, with index n (an appended zero row) for padding.
     src = jnp.full((num_tiles * m,), n, jnp.int32).at[row].set(jnp.arange(nk, dtype=jnp.int32) // k)
     buf = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[src]
-    y = expert_tiles(buf, w1, w3, w2, first, tiles, m)
+    if at:
+        y = _tiles_forward(buf, w1, w3, w2, first, tiles, m, at=at)
+    else:
+        y = expert_tiles(buf, w1, w3, w2, first, tiles, m)
     return _combine(y[row].reshape(n, k, -1), weights)
 
 
@@ -160,13 +165,25 @@ def _over_chunks(body, carry, t0, count, m: int, num_tiles: int):
     return carry
 
 
-def _tiles_forward(buf, w1, w3, w2, first, tiles, m, keep_hidden: bool = False):
-    """-> y [S*m, D], and with keep_hidden the pre-activations (x w1, x w3) [S*m, F] for the VJP."""
+def _expert_weight(w, at: tuple, e):
+    """w[*at, e] as one dynamic slice of the stacked array w [..., E, a, b]."""
+    idx = (*at, e)
+    return jax.lax.dynamic_slice(w, (*idx, 0, 0), (1,) * len(idx) + w.shape[-2:]).reshape(w.shape[-2:])
+
+
+def _tiles_forward(buf, w1, w3, w2, first, tiles, m, keep_hidden: bool = False, at: tuple = ()):
+    """-> y [S*m, D], and with keep_hidden the pre-activations (x w1, x w3) [S*m, F] for the VJP.
+
+    at: the experts are w*[*at] of stacks with more leading axes (e.g. [groups, layers, E, D, F]).
+    Each expert's matrices are then sliced straight out of the stack: XLA on CPU copies a sliced
+    operand before a matmul, and slicing a layer's [E, D, F] first would copy all of its experts
+    once more per call (most of a CPU decode step's time)."""
     num_tiles = buf.shape[0] // m
-    f = w1.shape[2]
+    f = w1.shape[-1]
 
     def expert(carry, xs):
-        w1e, w3e, w2e, t0, count = xs
+        e, t0, count = xs
+        w1e, w3e, w2e = (_expert_weight(w, at, e).astype(buf.dtype) for w in (w1, w3, w2))
 
         def body(r, rows, carry):
             out, hidden = carry
@@ -181,7 +198,8 @@ def _tiles_forward(buf, w1, w3, w2, first, tiles, m, keep_hidden: bool = False):
         return _over_chunks(body, carry, t0, count, m, num_tiles), None
 
     hidden = (jnp.zeros((buf.shape[0], f), buf.dtype),) * 2 if keep_hidden else ()
-    out, hidden = jax.lax.scan(expert, (jnp.zeros_like(buf), hidden), (w1, w3, w2, first, tiles))[0]
+    experts = jnp.arange(w1.shape[len(at)])
+    out, hidden = jax.lax.scan(expert, (jnp.zeros_like(buf), hidden), (experts, first, tiles))[0]
     return (out, hidden) if keep_hidden else out
 
 
@@ -240,9 +258,11 @@ class MoE(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array, routes: jax.Array | None = None):
+    def __call__(self, x: jax.Array, valid: jax.Array, routes: jax.Array | None = None, stacked=None):
         """x [B, T, D], valid [B, T] bool -> (y [B, T, D], RouterStats). routes [B, T, k]: replay
-        these experts instead of the router's top-k (`route_replay`)."""
+        these experts instead of the router's top-k (`route_replay`). stacked: (w1, w3, w2, at), this
+        layer's expert weights as w*[*at] of the model's unsliced layer stacks, for the tiled
+        forward to slice each expert from directly (decode; `_tiles_forward`)."""
         c = self.cfg
         dt, pdt = c.compute_dtype, c.params_dtype
         init = nn.initializers.normal(c.initializer_range)
@@ -265,7 +285,10 @@ class MoE(nn.Module):
                 probs, weights, ids = route(xf, w_router, k)
             else:
                 probs, weights, ids, flip = route_replay(xf, w_router, routes.reshape(b * t, k), valid.reshape(-1))
-            y = impl(xf.astype(dt), weights, ids, w1, w3, w2)
+            if stacked is not None and impl is experts_tiled:
+                y = experts_tiled(xf.astype(dt), weights, ids, *stacked[:3], at=stacked[3])
+            else:
+                y = impl(xf.astype(dt), weights, ids, w1, w3, w2)
         else:  # all-to-all over the expert axis; [B, T] stay as sharded
             if routes is None:
                 probs, weights, ids = route(x, w_router, k)

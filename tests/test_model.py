@@ -151,6 +151,20 @@ def test_expert_tiles_chunking_with_skewed_load():
         assert rel_err(a, b) <= 1e-5
 
 
+def test_tiled_experts_sliced_from_a_layer_stack_match():
+    # Decode hands the tiled experts the unsliced [groups, layers, E, ...] stacks and the layer's
+    # index (`at`): the same result, bit for bit, as the layer's own [E, ...] weights.
+    e, d, f, k = 4, 8, 12, 2
+    ks = jax.random.split(jax.random.PRNGKey(5), 5)
+    x = jax.random.normal(ks[0], (5, d))
+    w1, w3 = jax.random.normal(ks[1], (2, 2, 3, e, d, f)) / 3
+    w2 = jax.random.normal(ks[2], (2, 3, e, f, d)) / 3
+    _, weights, ids = route(x, jax.random.normal(ks[3], (d, e)), k)
+    at = (jnp.int32(1), jnp.int32(2))
+    got = jax.jit(lambda *a: experts_tiled(x, weights, ids, *a, at=at))(w1, w3, w2)
+    want = experts_tiled(x, weights, ids, w1[1, 2], w3[1, 2], w2[1, 2])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
 @pytest.mark.slow
 def test_bf16_compute_is_close_to_fp32():
     # Standard init: the x15-scaled test model is chaotic enough that bf16 rounding flips routing.
