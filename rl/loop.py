@@ -233,8 +233,10 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         summary["initial"] = first
 
     worker = None
+    if (data or {}).get("carry") and not r.sampling.partial:
+        log.warning(f"the checkpoint at step {start} carries partial rollouts; rl.sampling.partial is off: dropped")
     if (data or {}).get("rollouts") and not r.max_staleness and rollout_mesh is mesh:
-        if r.sampling.partial:  # the carry after those batches would skip the responses they hold
+        if r.sampling.partial and data.get("carry"):  # the carry after those batches would skip their responses
             raise ValueError(
                 f"config.rl.max_staleness=0: the checkpoint at step {start} saved {data['rollouts']} batch(es) of a "
                 f"partial-rollout run sampled ahead; resume it with max_staleness >= {data['rollouts']}"
@@ -245,6 +247,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             "(same prompts and keys)"
         )
     producer = Producer(c, cfg, tokenizer, reward_fn, sp, sampler=sample, stream=_stream(c, workdir, start, data))
+    consumed = {start: producer.stream.snapshot()} if producer.stream is not None else {}  # step -> carry before it
     if r.max_staleness or rollout_mesh is not mesh:  # rollouts in a thread, `max_staleness` versions behind
         own = None if rollout_mesh is mesh else rollout_mesh
         worker = start_worker(
@@ -265,8 +268,12 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
             d["rollouts"] = len(batches)
         carry = None
         if producer.stream is not None:  # the responses carried past the last of them
-            carry = {k: v for k, v in batches[-1].items() if k.startswith("carry_")} if batches else None
-            carry = carry or producer.stream.snapshot()  # synchronous: the stream as it is now
+            if batches:
+                carry = {k: v for k, v in batches[-1].items() if k.startswith("carry_")}
+            elif worker is not None:  # the thread may be generating ahead: the stream before batch `step`
+                carry = consumed[step]
+            else:  # synchronous: the stream as it is now
+                carry = producer.stream.snapshot()
             d["carry"] = 1
         if (worker is not None or carry is not None) and run.primary:
             rollouts.save(workdir, step, batches, keep=run.ckpt.steps(), carry=carry)
@@ -279,6 +286,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         else:
             t0 = time.perf_counter()
             batch, _ = worker.get(step)
+            if producer.stream is not None:  # the stream after batch `step`, i.e. before batch step + 1
+                consumed.clear()
+                consumed[step + 1] = {k: v for k, v in batch.items() if k.startswith("carry_")}
             row = learn(c, trainer, state, ref_params, batch, t0=t0)
             worker.publish(step + 1, row["state"]["params"])
         state = row.pop("state")
@@ -358,7 +368,8 @@ def _stream(c, workdir: str, start: int, data) -> partial.Stream | None:
     g = c.rl.samples_per_prompt
     if (data or {}).get("carry"):
         return partial.Stream.restore(g, rollouts.load_carry(workdir, start))
-    return partial.Stream(g, next_gid=start * c.rl.prompts_per_step)
+    # after the batches saved ahead, which the worker hands out first
+    return partial.Stream(g, next_gid=(start + (data or {}).get("rollouts", 0)) * c.rl.prompts_per_step)
 
 
 def rl_step(c, cfg, trainer: RLTrainer, tokenizer, reward_fn, sp, state, ref_params, step: int, producer=None) -> dict:

@@ -78,6 +78,11 @@ class Stream:
             s.logp = [float(x) for x in d["carry_logp"][i, :n]]
             s.versions = [int(x) for x in d["carry_versions"][i, :n]]
             st.groups.setdefault(gid, []).append(s)
+        if any(len(ss) != size for ss in st.groups.values()):
+            raise ValueError(
+                f"config.rl.samples_per_prompt={size}: the carried partial rollouts hold groups of "
+                f"{sorted({len(ss) for ss in st.groups.values()})} samples; resume with the run's own value"
+            )
         return st
 
 
@@ -99,24 +104,34 @@ def generate(
     max_len = bucket(longest) + n + pad_multiple  # a resumed sample's prefill is padded past its prompt's bucket
     st = engine._init(cfg, params, slots, max_len, slots, n, sp.pad_id, False)
     resume = [s for gid in sorted(stream.groups) for s in stream.groups[gid] if s.finish == RUNNING]
+    for s in resume:  # a budget lowered since the sample was cut (a resume with another schedule)
+        if len(s.tokens) >= n:
+            s.finish = engine.FINISH_LENGTH
+    resume = [s for s in resume if s.finish == RUNNING]
     free, held = list(range(slots)), {}  # held: slot -> (sample, tokens it held when inserted)
-    while True:
-        entries = []  # (prefill ids, [(slot, sample)])
+    while len(stream.complete()) < want:
+        # Resumed samples are prefilled apart from new groups, in inserts of one prefill bucket each:
+        # every sample of an insert starts at the insert's bucket Pb, and Pb + (n - tokens so far)
+        # must stay within max_len (a short new prompt beside a long resumed one would not).
+        inserts = {}  # bucket -> [(prefill ids, [(slot, sample)])]
         while resume and free:
             s = resume.pop(0)
-            entries.append((np.concatenate([s.prompt, np.asarray(s.tokens, np.int32)]), [(free.pop(0), s)]))
-        while len(free) >= g and stream.next_gid in prompts and len(stream.complete()) < want:
+            ids = np.concatenate([s.prompt, np.asarray(s.tokens, np.int32)])
+            inserts.setdefault(("resume", bucket(len(ids))), []).append((ids, [(free.pop(0), s)]))
+        while len(free) >= g and stream.next_gid in prompts:
             gid = stream.next_gid
             stream.groups[gid] = [Sample(gid, j, prompts[gid]) for j in range(g)]
-            entries.append((prompts[gid], [(free.pop(0), s) for s in stream.groups[gid]]))
+            inserts.setdefault(("new", 0), []).append((prompts[gid], [(free.pop(0), s) for s in stream.groups[gid]]))
             stream.next_gid += 1
-        if entries:
-            st = engine._insert(cfg, params, st, *_insert_args(entries, slots, bucket, sp.pad_id, g))
+        for entries in inserts.values():
+            st = engine._insert(cfg, params, st, *_insert_args(entries, slots, bucket, sp.pad_id, g, max_len - n))
             held.update({slot: (s, len(s.tokens)) for _, ss in entries for slot, s in ss})
-        if len(stream.complete()) >= want or not held:
+        if not held:
             break
-        more = stream.next_gid in prompts or resume
-        st = engine._decode(cfg, sp, params, st, rng, jnp.asarray(g if more else slots + 1, jnp.int32))
+        # Back to the host when the next group fits, or else at the next finished sample (a resumed one
+        # may take its slot, or it may complete the batch): never run every slot to its end.
+        need = g if stream.next_gid in prompts else len(free) + 1
+        st = engine._decode(cfg, sp, params, st, rng, jnp.asarray(need, jnp.int32))
         free += _harvest(st, held, version, final=False)
     _harvest(st, held, version, final=True)
     done = stream.complete()[:want]
@@ -147,10 +162,13 @@ def _harvest(st, held: dict, version: int, *, final: bool) -> list[int]:
     return freed
 
 
-def _insert_args(entries, slots: int, bucket, pad_id: int, g: int):
-    """`engine.insert` arguments for `entries` [(prefill ids, [(slot, sample)])]: result row = slot."""
+def _insert_args(entries, slots: int, bucket, pad_id: int, g: int, room: int):
+    """`engine.insert` arguments for `entries` [(prefill ids, [(slot, sample)])]: result row = slot.
+    `room`: max_len - n, the most a sample's start position Pb may exceed its tokens so far."""
     q = engine._pow2(len(entries))
     pb = bucket(max(len(ids) for ids, _ in entries))
+    if any(pb - len(s.tokens) > room for _, ss in entries for _, s in ss):
+        raise AssertionError(f"partial rollouts: an insert at bucket {pb} would overrun the cache")
     toks = np.full((q, pb), pad_id, np.int32)
     lengths = np.ones((q,), np.int32)
     src, slot_ids = np.zeros((slots,), np.int32), np.full((slots,), slots, np.int32)

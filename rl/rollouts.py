@@ -34,7 +34,6 @@ from rl.config import max_new_tokens_at, overlong_limits
 from rl.evaluate import decode_responses, exact
 from rl.sampler import FINISH_LENGTH, Rollout, SamplingParams, sample
 
-PARTIAL_STREAM = 0x7061  # folded into the seed: the partial-rollout sampling key of a run
 # With response_mask: what the log-prob forwards need (routes only with router replay).
 ROLLOUT_KEYS = ("prompt", "prompt_lengths", "tokens", "routes")
 
@@ -89,7 +88,7 @@ class Producer:
         budget = max_new_tokens_at(c, step)
         sp = dataclasses.replace(self.sp, max_new_tokens=budget)
         slots = sp.slots or p * self.stream.size
-        key = jax.random.fold_in(jax.random.PRNGKey(c.seed), PARTIAL_STREAM)  # one stream for the whole run
+        key = jax.random.split(jax.random.PRNGKey(c.seed))[1]  # one key for the whole run (not a step's)
         prompt_of = lambda gid: self.tokenizer.encode(pair(gid)[0], bos=True)
         kw = dict(want=p, version=version, rng=key, slots=slots, pad_multiple=c.rl.sampling.pad_multiple)
         groups = partial.generate(self.cfg, sp, params, self.stream, prompt_of, **kw)

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 
+from conftest import rel_err
 from m1jax import M1Model, config, init_params, param_axes
 from m1jax.config import ModelConfig
 from m1jax.moe import MoE, expert_tiles, experts_dense, experts_ragged, experts_tiled, route
@@ -164,6 +164,7 @@ def test_tiled_experts_sliced_from_a_layer_stack_match():
     got = jax.jit(lambda *a: experts_tiled(x, weights, ids, *a, at=at))(w1, w3, w2)
     want = experts_tiled(x, weights, ids, w1[1, 2], w3[1, 2], w2[1, 2])
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
 
 @pytest.mark.slow
 def test_bf16_compute_is_close_to_fp32():

@@ -66,6 +66,43 @@ def test_sampled_tokens_do_not_depend_on_where_a_response_was_cut():
         ]
 
 
+def test_a_long_resumed_response_beside_new_groups_stays_within_the_cache():
+    """A response cut after 30 tokens resumes in the call that starts new groups: each keeps the tokens
+    of uncut greedy decoding (a shared insert would start the new ones past the cache's room)."""
+    prompts = [PROMPTS[3], PROMPTS[0], PROMPTS[6]]
+    sp = SamplingParams(40, greedy=True)
+    ref = sample(CFG, PARAMS, prompts, sp, None)
+    first = ref.tokens[0].tolist()
+    stream = partial.Stream(G, next_gid=1)
+    stream.groups[0] = [
+        partial.Sample(0, 0, prompts[0], first, [0.0] * 40, [0] * 40, finish=1),
+        partial.Sample(0, 1, prompts[0], first[:30], [0.0] * 30, [0] * 30),
+    ]
+    out = partial.generate(
+        CFG, sp, PARAMS, stream, lambda gid: prompts[gid % 3], want=3, version=1, rng=None, slots=6, pad_multiple=8
+    )
+    assert [grp[0].gid for grp in out] == [0, 1, 2]
+    for grp in out:
+        for s in grp:
+            assert s.tokens == ref.tokens[s.gid].tolist(), (s.gid, s.j)
+    assert out[0][1].versions == [0] * 30 + [1] * 10
+
+
+def test_a_call_ends_once_its_groups_are_complete():
+    """With more slots than the batch needs, the call returns at the first complete group, leaving the
+    other responses running (carried), instead of decoding every slot to its end."""
+    prompts = PROMPTS * 2
+    sp = SamplingParams(40, temperature=1.0, stop_tokens=tuple(range(0, CFG.vocab_size, 8)))
+    stream = partial.Stream(G)
+    out = partial.generate(
+        CFG, sp, PARAMS, stream, lambda gid: prompts[gid], want=1, version=0, rng=jax.random.PRNGKey(1),
+        slots=8, pad_multiple=8,
+    )  # fmt: skip
+    assert len(out) == 1
+    running = [s for ss in stream.groups.values() for s in ss if s.finish == partial.RUNNING]
+    assert running and all(0 < len(s.tokens) < 40 for s in running)
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -82,11 +119,14 @@ PARTIAL = {"rl.sampling.partial": True, "rl.sampling.max_new_tokens": 12, "eval.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [0, 1])
-def test_partial_run_carries_tokens_and_resumes_exactly(tmp_path, k):
+@pytest.mark.parametrize("k, split", [(0, False), (1, False), (0, True)])
+def test_partial_run_carries_tokens_and_resumes_exactly(tmp_path, k, split):
     """Carried tokens show up as staleness (at K = 0 too); stop at step 2 with responses in flight,
-    resume: the same rows and params as the uninterrupted run."""
-    c = small_toy({"steps": 4, "checkpoint.every": 2, "rl.max_staleness": k, **PARTIAL})
+    resume: the same rows and params as the uninterrupted run. `split`: rollouts on 4 devices of
+    their own, so a thread generates while the checkpoint is written (its carry must be the one
+    before the next batch, not the thread's moving stream)."""
+    mesh = {"mesh.data": 4, "rl.rollout_mesh.data": 4} if split else {}
+    c = small_toy({"steps": 4, "checkpoint.every": 2, "rl.max_staleness": k, **PARTIAL, **mesh})
     full = train(c, str(tmp_path / "full"), progress=False)
     stale = [r["staleness_max"] for r in rows(tmp_path / "full", "loss")]
     assert max(stale) > k  # some token was sampled by a version older than the batch's own
