@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 from test_model import CFG, PARAMS, apply
 
+from conftest import rel_err
 from m1jax.generate import decode_step, generate, left_pad, prefill, sample_logits
 
 PREFILL = jax.jit(prefill, static_argnums=(0, 3))

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_m1 as ref
 import pytest
-from conftest import rel_err
 
+from conftest import rel_err
 from m1jax import M1Model
 from m1jax.hf import CheckpointError, load_pretrained
 

@@ -22,9 +22,9 @@ OVERRIDES = {"steps": 6, "rl.max_staleness": 1, "rl.old_logp": "sampler", "check
 
 def _drive(workdir: str, overrides: str, kill_at: int) -> None:
     sys.path.insert(0, HERE)
-    import conftest  # noqa: F401 (the tests' XLA flags and platform)
     from test_rl_train import small_toy
 
+    import conftest  # noqa: F401 (the tests' XLA flags and platform)
     from rl import worker
     from rl.loop import train
 

@@ -6,9 +6,9 @@ Runs on 8 host CPU devices (conftest sets --xla_force_host_platform_device_count
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import rel_err
 from test_model import CFG, big_params
 
+from conftest import rel_err
 from m1jax import M1Model
 from m1jax.sharding import batch_sharding, make_mesh, param_shardings
 

@@ -13,7 +13,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import rel_err  # noqa: E402
-
 from m1jax import M1Model, config, init_params  # noqa: E402
 from m1jax.hf import load_pretrained, save_pretrained  # noqa: E402
 
