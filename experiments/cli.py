@@ -21,6 +21,7 @@ import logging
 import os
 import runpy
 import sys
+import warnings
 
 from absl import flags
 from ml_collections import config_dict, config_flags
@@ -65,6 +66,10 @@ def launch(main) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """`app.run`'s flags parser: a flag or config override that does not parse is one line, exit 1."""
+    # A restore that fails inside orbax / tensorstore can leave a metadata coroutine unawaited; Python
+    # then prints a RuntimeWarning when it is collected (at a random point), noise beside the one
+    # error the CLI reports for unreadable checkpoints.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
