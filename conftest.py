@@ -8,7 +8,7 @@ import pytest
 # Set before any test module imports JAX (the m1jax/ kernel tests are collected before tests/, and
 # JAX reads JAX_PLATFORMS when it is imported): 8 host devices for the sharding tests; CPU only,
 # so a process with libtpu installed does not probe for a TPU, and parallel workers may each load
-# libtpu for the TPU AOT tests (its lockfile would forbid that). tests/conftest.py keeps the same.
+# libtpu for the TPU AOT tests (its lockfile would forbid that).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -108,15 +108,10 @@ def xla_flops(compiled) -> float | None:
 
 def bytes_per_chip(tree) -> int:
     """Bytes of one chip's shards of a pytree of sharded shapes (before the TPU's tile padding)."""
+    import jax
     import numpy as np
 
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in _leaves(tree))
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _compile(lowered_fn, device_kind: str) -> dict:
