@@ -18,14 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from m1jax.config import ModelConfig
-from m1jax.model import M1Model, check_tokens
+from m1jax.model import M1Model, check_tokens, head_weight, lm_head
 
 
-def prefill(cfg: ModelConfig, params, tokens, max_len: int, *, lengths=None, record_routes: bool = False):
+def prefill(
+    cfg: ModelConfig, params, tokens, max_len: int, *, lengths=None, record_routes: bool = False, last_only=False
+):
     """Run the prompt. tokens [B, T] (left-padded when `lengths` [B] is given).
 
     Returns (logits fp32 [B, T, V], cache with `max_len` slots), and with `record_routes` also the
-    experts each token was routed to, [B, T, L, k] int32 (router replay). Jittable (cfg, max_len static).
+    experts each token was routed to, [B, T, L, k] int32 (router replay). last_only: logits [B, 1, V]
+    of the last position only (all a sampler needs: the head is most of a small model's prefill
+    FLOPs). Jittable (cfg, max_len static).
     """
     t = tokens.shape[1]
     if max_len < t:
@@ -39,7 +43,10 @@ def prefill(cfg: ModelConfig, params, tokens, max_len: int, *, lengths=None, rec
         start=start,
         method=M1Model.run,
         record_routes=record_routes,
+        hidden=last_only,
     )
+    if last_only:  # final-normed hidden states [B, T, D] -> the last position's logits
+        logits = lm_head(cfg, logits[:, -1:], head_weight(cfg, params))
     return (logits, cache, aux["expert_ids"]) if record_routes else (logits, cache)
 
 
@@ -149,7 +156,7 @@ def generate(
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _generate(cfg, max_new, temperature, top_p, greedy, stop_tokens, pad_id, params, tokens, lengths, rng):
     b, t = tokens.shape
-    logits, cache = prefill(cfg, params, tokens, t + max_new, lengths=lengths)
+    logits, cache = prefill(cfg, params, tokens, t + max_new, lengths=lengths, last_only=True)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
     def step(carry, key):

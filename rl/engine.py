@@ -132,7 +132,7 @@ def insert(cfg: ModelConfig, params, st, prompts, lengths, src, slot_ids, sample
     TRACES["insert"] += 1
     pb = prompts.shape[1]
     record = "routes" in st
-    logits, c, *ids = prefill(cfg, params, prompts, pb, lengths=lengths, record_routes=record)
+    logits, c, *ids = prefill(cfg, params, prompts, pb, lengths=lengths, record_routes=record, last_only=True)
 
     def put(dst, new):  # new [n, r, Q, ...] -> the slots' rows of dst [n, r, S, ...] (softmax K/V: [:Pb])
         where = (slice(None), slice(None), slot_ids) + tuple(slice(0, d) for d in new.shape[3:])

@@ -114,7 +114,7 @@ def _padded(cfg, prompts, sp: SamplingParams, pad_multiple: int):
 def _sample(cfg: ModelConfig, sp: SamplingParams, params, prompt, prompt_lengths, rng) -> Rollout:
     b, t = prompt.shape
     n = sp.max_new_tokens
-    logits, cache = prefill(cfg, params, prompt, t + n, lengths=prompt_lengths)
+    logits, cache = prefill(cfg, params, prompt, t + n, lengths=prompt_lengths, last_only=True)
     stops = jnp.asarray(sp.stop_tokens or (-1,), jnp.int32)
 
     def cond(carry):
