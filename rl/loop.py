@@ -340,23 +340,32 @@ def _k3_mean(logp, ref_logp, mask) -> float:
     return float(np.mean(np.exp(d) - d - 1.0)) if on.any() else 0.0
 
 
-def _reference_subset(trainer: RLTrainer, ref_params, dev: dict, g: int):
-    """Reference log-probs [P, N] of sample 0 of each group (rows 0, G, 2G, ...), dispatched on the
-    device. The rows are gathered before the forward when the P of them split over the
-    batch-parallel devices (a 1/G-size forward); otherwise every row is run and the subset taken."""
+def _group_subset(trainer: RLTrainer, params, dev: dict, g: int):
+    """Log-probs [P, N] of sample 0 of each group (rows 0, G, 2G, ...), dispatched on the device. The
+    rows are gathered before the forward when the P of them split over the batch-parallel devices (a
+    1/G-size forward); otherwise every row is run and the subset taken."""
     rows = np.arange(0, dev["mask"].shape[0], g)
     if len(rows) % batch_parallel(trainer.mesh.shape) == 0:
-        return trainer.logprobs(ref_params, trainer.take_rows(dev, rows))
-    return trainer.logprobs(ref_params, dev)[rows]
+        return trainer.logprobs(params, trainer.take_rows(dev, rows))
+    return trainer.logprobs(params, dev)[rows]
+
+
+def diagnostic_logprobs(c) -> bool:
+    """Whether the trainer's log-probs of a rollout feed only metrics (logp_gap, the kl_coef = 0 KL):
+    the ratio's old log-probs are the sampler's and no mismatch correction reads them. They are then
+    computed for sample 0 of each group only, a 1/G-size forward (on the learner's critical path when
+    rollouts run beside it)."""
+    return c.rl.old_logp == "sampler" and c.rl.mismatch.mode == "none"
 
 
 def _dispatch_logprobs(c, trainer: RLTrainer, params, ref_params, dev: dict):
-    """(trainer log-probs [R, N], reference log-probs [R, N] or [P, N]) of the rollout rows `dev`,
-    dispatched (not waited for): with kl_coef = 0 the reference forward covers sample 0 of each group."""
+    """(trainer log-probs [R, N], or [P, N] when `diagnostic_logprobs`; reference log-probs [R, N],
+    or [P, N] with kl_coef = 0) of the rollout rows `dev`, dispatched (not waited for). [P, N]: sample
+    0 of each group."""
     g = c.rl.samples_per_prompt
-    trainer_logp = trainer.logprobs(params, dev)
+    trainer_logp = _group_subset(trainer, params, dev, g) if diagnostic_logprobs(c) else trainer.logprobs(params, dev)
     free = {k: v for k, v in dev.items() if k != "routes"}  # the reference policy routes freely
-    ref_logp = trainer.logprobs(ref_params, free) if c.rl.kl_coef else _reference_subset(trainer, ref_params, free, g)
+    ref_logp = trainer.logprobs(ref_params, free) if c.rl.kl_coef else _group_subset(trainer, ref_params, free, g)
     return trainer_logp, ref_logp
 
 
@@ -422,6 +431,7 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
     t_reward = time.perf_counter()
 
     trainer_logp_host = to_host(trainer, trainer_logp)  # fetched once, for logp_gap (and the kl_coef = 0 KL)
+    sub = g if diagnostic_logprobs(c) else 1  # trainer_logp covers rows 0, sub, 2 sub, ...
     if r.old_logp == "trainer":
         train_batch["old_logp"] = trainer_logp  # stays on the device
     mm = r.mismatch
@@ -433,7 +443,7 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
     if r.kl_coef:
         train_batch["ref_logp"] = jax.block_until_ready(ref_logp)
     else:
-        kl = _k3_mean(trainer_logp_host[::g], to_host(trainer, ref_logp), mask[::g])
+        kl = _k3_mean(trainer_logp_host[:: g // sub], to_host(trainer, ref_logp), mask[::g])
     t_logp = time.perf_counter()
 
     n = mask.shape[0]
@@ -452,7 +462,7 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
     w = np.asarray([m["tokens"] for m in ms], np.float64)
     mean = lambda k: float(np.sum([m[k] * wi for m, wi in zip(ms, w, strict=True)]) / max(w.sum(), 1.0))
     on = mask > 0
-    gap = np.abs(trainer_logp_host - sampler_logp)[on]
+    gap = np.abs(trainer_logp_host - sampler_logp[::sub])[on[::sub]]
     rewards, lengths, finish = batch["rewards"], batch["lengths"], batch["finish"]
     finite = np.isfinite(rewards).any()
     if t_gen is None:  # a worker's batch: its own phase times, and the learner's wait for it
@@ -480,8 +490,8 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
         "confident_stop_fraction": float(np.mean(finish == FINISH_CONFIDENT)),
         "zero_variance_fraction": float(batch["zero_variance"].mean()),
         "invalid_rewards": int(batch["invalid"].sum()),
-        "logp_gap": float(gap.mean()) if on.any() else 0.0,
-        "logp_gap_max": float(gap.max()) if on.any() else 0.0,
+        "logp_gap": float(gap.mean()) if gap.size else 0.0,
+        "logp_gap_max": float(gap.max()) if gap.size else 0.0,
         "lr": lr,
         "skipped_updates": int(skipped),
         "staleness_mean": staleness[0],

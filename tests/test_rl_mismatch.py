@@ -132,6 +132,34 @@ def test_an_injected_sampler_mismatch_is_masked_and_reported(tmp_path, monkeypat
         assert np.isfinite(r["loss"]) and r["grad_norm"] > 0
 
 
+@pytest.mark.slow
+def test_diagnostic_trainer_logprobs_cover_sample_0_of_each_group(tmp_path, monkeypatch):
+    # With the sampler's log-probs in the ratio and no correction, the trainer's forward only feeds
+    # logp_gap (and the KL), so it runs on sample 0 of each group. Skew exactly those rows by 1 nat:
+    # the gap reads ~1 (over all rows it would read ~1/G).
+    from test_rl_train import rows, small_toy
+
+    from rl import loop
+
+    real = loop.sample
+
+    def skewed(*args, **kw):
+        r = real(*args, **kw)
+        g = c.rl.samples_per_prompt
+        first = (np.arange(r.logprobs.shape[0]) % g == 0)[:, None]
+        return r._replace(logprobs=(r.logprobs + first * r.mask).astype(np.float32))
+
+    monkeypatch.setattr(loop, "sample", skewed)
+    c = small_toy({"steps": 2, "rl.old_logp": "sampler", "eval.every": 100})
+    assert loop.diagnostic_logprobs(c) and c.rl.samples_per_prompt > 1
+    loop.train(c, str(tmp_path), progress=False)
+    got = rows(tmp_path, "loss")
+    for r in got:
+        assert 0.999 < r["logp_gap"] < 1.001 and r["logp_gap_max"] < 1.001, r
+        assert np.isfinite(r["loss"])
+    assert got[0]["kl"] < 1e-3  # the subset's rows line up with the reference's (step 0: the same policy)
+
+
 def test_lower_bound_zero_means_none_without_warnings():
     import warnings
 

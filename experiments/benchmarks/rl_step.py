@@ -1,26 +1,28 @@
 """RL step time of m1jax (`rl.loop.rl_step`) against TRL's `GRPOTrainer(loss_type="cispo")`, side by side.
 
 Usage: python -m experiments.benchmarks.rl_step [--quick] [--config configs/cispo_toy.py] [--steps 20]
-       [--warmup 2] [--block 4] [--threads 2] [--pad-multiple 8] [--out rl_step_benchmark.json]
+       [--warmup 2] [--block 4] [--threads 2] [--pad-multiple 8] [--init-from DIR] [--out rl_step_benchmark.json]
 
 Needs `trl` beside m1jax (not a test dependency: install both into a venv of their own, e.g.
 `pip install torch==2.13.0 -e . trl`, torch pinned on the same command line so pip keeps the CPU build).
 
 One RL step = one rollout (P prompts x G samples of up to N tokens, scored by the task reward) and U
-optimizer updates on disjoint minibatches of it (`cispo_toy`: 32 x 8 samples, 4 tokens, 2 updates).
-m1jax runs `rl.loop.rl_step` as `rl.loop.train` builds it (`setup`, `make_trainer`, `initial_state`:
-the config's model, sampler, reward, AdamW and CISPO loss). TRL's GRPOTrainer starts from the *same*
-initial weights (`m1jax.hf.save_pretrained`, loaded by transformers' MiniMaxForCausalLM through
-`experiments.benchmarks.forward.torch_twin`) with the same prompts in the same order (the config's
-`rl.prompts.batch` of each step; the toy's DigitTokenizer wrapped as a transformers tokenizer built in
-code), num_generations = G, max_completion_length = N, the same temperature / top-p / top-k, the same
-reward function (`rl.rewards` on the same decoded texts), CISPO with epsilon_high = rl.cispo.ratio_max,
-beta = 0 (no reference model), AdamW with the config's learning rate, betas, eps, weight decay and
-clipping, a constant schedule, fp32, no gradient checkpointing, and steps_per_generation = U with one
-sample row per minibatch row (per_device_train_batch_size = P x G / U, gradient accumulation 1), so a
-generation is followed by U optimizer steps, each on P x G / U rows: the same work as one m1jax step.
-TRL recomputes the old log-probs (its steps are not aligned with generation), as m1jax does
-(rl.old_logp = "trainer"). torch runs on `--threads` threads (default: all cores, as XLA does).
+optimizer updates on disjoint minibatches of it (`cispo_toy`: 32 x 8 samples, 4 tokens, 2 updates,
+random init; `cispo_tiny`: 16 x 8 samples, up to 64 tokens, 4 updates, from the pretrained embedded
+default in `rl.init_from` or `--init-from`). m1jax runs `rl.loop.rl_step` as `rl.loop.train` builds it
+(`setup`, `make_trainer`, `initial_state`: the config's model, sampler, reward, AdamW and CISPO loss).
+TRL's GRPOTrainer starts from the *same* initial weights (`m1jax.hf.save_pretrained`, loaded by
+transformers' MiniMaxForCausalLM through `experiments.benchmarks.forward.torch_twin`) with the same
+prompts in the same order (the config's `rl.prompts.batch` of each step; the toy's DigitTokenizer or the
+byte tokenizer wrapped as a transformers tokenizer built in code), num_generations = G,
+max_completion_length = N, the same temperature / top-p / top-k, the same reward function (`rl.rewards`
+on the same decoded texts), CISPO with epsilon_high = rl.cispo.ratio_max, beta = 0 (no reference model),
+AdamW with the config's learning rate, betas, eps, weight decay and clipping, a constant schedule, fp32,
+no gradient checkpointing, and steps_per_generation = U with one sample row per minibatch row
+(per_device_train_batch_size = P x G / U, gradient accumulation 1), so a generation is followed by U
+optimizer steps, each on P x G / U rows: the same work as one m1jax step. TRL recomputes the old
+log-probs (its steps are not aligned with generation), as m1jax does (rl.old_logp = "trainer"). torch
+runs on `--threads` threads (default: all cores, as XLA does).
 
 Before timing, the log-probs of one m1jax rollout under both frameworks' initial weights are compared
 (`parity.max_abs_logp_diff`): the two sides start from the same function. Then TRL trains and, through
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import runpy
 import statistics
@@ -63,12 +66,12 @@ from rl.evaluate import decode_responses
 from rl.rollouts import Producer
 
 
-def load_config(path: str, quick: bool, pad_multiple: int = 0) -> ml_collections.ConfigDict:
+def load_config(path: str, quick: bool, pad_multiple: int = 0, init_from=None) -> ml_collections.ConfigDict:
     c = runpy.run_path(path)["get_config"]()
+    if init_from is not None:
+        c.rl.init_from = init_from
     if pad_multiple:  # the toy's 6-token prompts padded to the default 32 would make m1jax compute on 36 positions
         c.rl.sampling.pad_multiple = pad_multiple
-    if not c.data.source.startswith("toy_"):
-        raise SystemExit(f"--config {path}: data.source={c.data.source!r}; this benchmark wraps the toy tokenizer only")
     if c.rl.max_staleness:
         raise SystemExit(f"--config {path}: rl.max_staleness={c.rl.max_staleness}; rl_step is the synchronous step")
     if quick:  # a smoke test of the whole path: a small batch
@@ -81,15 +84,19 @@ def load_config(path: str, quick: bool, pad_multiple: int = 0) -> ml_collections
 
 
 def hf_tokenizer(tok, vocab_size: int):
-    """`tok` (the toy's DigitTokenizer: one character per id) as a transformers tokenizer: the same ids
-    for the prompt texts (<bos> then one id per character), <pad> / <eos> special; unused ids up to
-    the model's vocabulary so every id it can sample has a token."""
+    """`tok` (the toy's DigitTokenizer, or the byte tokenizer of the `tasks` configs: one id per ASCII
+    character) as a transformers tokenizer: the same ids for the prompt texts (<bos> then one id per
+    character), <pad> / <eos> special; every other id (non-ASCII bytes, unused ids up to the model's
+    vocabulary) a placeholder of its own, so every id the model can sample has a token. `grpo_trainer`
+    checks that both encode every prompt alike."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = {tok.pad_id: "<pad>", tok.bos_id: "<bos>", tok.eos_id: "<eos>"}
-    vocab = {specials.get(i, tok.decode([i])): i for i in range(tok.vocab_size)}
-    vocab |= {f"<unused{i}>": i for i in range(tok.vocab_size, vocab_size)}
+    vocab = {}
+    for i in range(vocab_size):
+        text = specials.get(i) or (tok.decode([i]) if i < tok.vocab_size else "")
+        vocab[text if (i in specials or len(text) == 1) and text not in vocab else f"<unused{i}>"] = i
     t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.bos_id)])
@@ -99,16 +106,16 @@ def hf_tokenizer(tok, vocab_size: int):
 
 def trl_reward(reward_fn, tok):
     """The m1jax reward as a TRL reward function: completion ids (stop token included, as TRL keeps it)
-    decoded as `rl.evaluate.decode_responses` does, scored by `reward_fn` against the prompt's ref."""
+    decoded as `rl.evaluate.decode_responses` does, scored by `reward_fn` against the prompt's ref (the
+    dataset's `ref` column: the ref dict as JSON)."""
 
-    def reward(prompts, completions, completion_ids, answer, task, **_):
+    def reward(prompts, completions, completion_ids, ref, **_):
         lengths = np.asarray([len(ids) for ids in completion_ids])
         tokens = np.full((len(lengths), max(lengths.max(initial=0), 1)), tok.pad_id)
         for row, ids in zip(tokens, completion_ids, strict=True):
             row[: len(ids)] = ids
         texts = decode_responses(tok, SimpleNamespace(tokens=tokens, lengths=lengths), tok.eos_id)
-        refs = [{"answer": a, "task": t, "raw": True} for a, t in zip(answer, task, strict=True)]
-        return [float(x) for x in reward_fn(texts, refs)]
+        return [float(x) for x in reward_fn(texts, [json.loads(x) for x in ref])]
 
     reward.__name__ = "m1jax_reward"
     return reward
@@ -146,12 +153,15 @@ def grpo_trainer(c, cfg, model, tok, reward_fn, rollouts: int, outdir: str, thre
 
     r, o, s = c.rl, c.optim, c.rl.sampling
     rows = r.prompts_per_step * r.samples_per_prompt
-    pairs = [
-        p for step in range(rollouts) for p in prompt_lib.batch(c.data.source, c.data.seed, step, r.prompts_per_step)
+    d = c.data
+    pairs = [  # the prompts of m1jax's steps, as its Producer draws them
+        p
+        for step in range(rollouts)
+        for p in prompt_lib.batch(d.source, d.seed, step, r.prompts_per_step, tasks=d.tasks, toy_length=d.toy_length)
     ]
-    data = datasets.Dataset.from_list([{"prompt": p, "answer": ref["answer"], "task": ref["task"]} for p, ref in pairs])
+    data = datasets.Dataset.from_list([{"prompt": p, "ref": json.dumps(ref)} for p, ref in pairs])
     hf_tok = hf_tokenizer(tok, cfg.vocab_size)
-    for p, _ in pairs[: r.prompts_per_step]:
+    for p, _ in pairs:
         ids, want = hf_tok(p)["input_ids"], tok.encode(p, bos=True)
         if ids != want:
             raise SystemExit(f"the wrapped tokenizer encodes {p!r} as {ids}, the toy's as {want}")
@@ -250,19 +260,24 @@ def logp_parity(c, parts, trainer, params, model) -> dict:
 # --- the run --------------------------------------------------------------------------------------
 
 
+def cfg_name(c) -> str:
+    return f"the pretrained model of {c.rl.init_from}" if c.rl.init_from else f"config.{c.model.preset}"
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/cispo_toy.py", help="an RL config on a toy_* prompt source")
+    ap.add_argument("--config", default="configs/cispo_toy.py", help="an RL config (toy_* or tasks prompts)")
     ap.add_argument("--steps", type=int, default=20, help="timed rollouts per side (switch steps included)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rollouts per side first")
     ap.add_argument("--block", type=int, default=4, help="rollouts per side before handing over to the other")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     ap.add_argument("--quick", action="store_true", help="4 prompts x 4 samples, 1 warm-up + 2 timed rollouts")
     ap.add_argument("--pad-multiple", type=int, default=8, help="m1jax prompt padding (0: the config's)")
+    ap.add_argument("--init-from", default=None, help="pretraining workdir (default: the config's rl.init_from)")
     ap.add_argument("--out", default="rl_step_benchmark.json")
     a = ap.parse_args()
     if a.quick:
@@ -275,7 +290,7 @@ def main() -> None:
         raise SystemExit(f"this benchmark needs trl beside m1jax ({e}); see the module docstring") from None
 
     load_start = os.getloadavg()  # other work on the machine slows both sides (torch's threads the most)
-    c = load_config(a.config, a.quick, a.pad_multiple)
+    c = load_config(a.config, a.quick, a.pad_multiple, a.init_from)
     r = c.rl
     rollouts = a.warmup + a.steps
     c.steps = rollouts  # the (constant) schedule's length; nothing else depends on it
@@ -366,7 +381,8 @@ def main() -> None:
     report = {
         "config": a.config,
         "quick": a.quick,
-        "model": f"config.{c.model.preset} (lm_head_fp32), random init (seed {c.seed}), fp32",
+        "model": f"{cfg_name(c)} (lm_head_fp32), fp32, "
+        + (f"from {c.rl.init_from}" if c.rl.init_from else f"random init (seed {c.seed})"),
         "shape": {
             "prompts": r.prompts_per_step,
             "samples_per_prompt": r.samples_per_prompt,
