@@ -24,6 +24,8 @@ optimizer steps, each on P x G / U rows: the same work as one m1jax step. TRL re
 log-probs (its steps are not aligned with generation), as m1jax does (rl.old_logp = "trainer"). torch
 runs on `--threads` threads (default: all cores, as XLA does).
 
+transformers' MiniMax applies RoPE to the whole head, so a model with partial RoPE (`mini`:
+rotary_dim 16 of head_dim 32) runs with rotary_dim = head_dim on both sides (`rope` in the report).
 Before timing, the log-probs of one m1jax rollout under both frameworks' initial weights are compared
 (`parity.max_abs_logp_diff`): the two sides start from the same function. Then TRL trains and, through
 a callback at rollout boundaries, hands over to m1jax every `--block` rollouts, so machine drift hits
@@ -298,6 +300,10 @@ def main() -> None:
     # m1jax, built as rl.loop.train builds it.
     mesh = shd.mesh_from_config(dict(c.mesh))
     parts = loop.setup(c, mesh)
+    rope_note = None
+    if parts.cfg.rotary_dim != parts.cfg.head_dim:  # transformers' MiniMax rotates whole heads
+        rope_note = f"rotary_dim {parts.cfg.rotary_dim} -> head_dim {parts.cfg.head_dim} on both sides"
+        parts = parts._replace(cfg=dataclasses.replace(parts.cfg, rotary_dim=parts.cfg.head_dim))
     cfg, tok, reward_fn, sp = parts.cfg, parts.tokenizer, parts.reward_fn, parts.sampling
     trainer, tx = loop.make_trainer(c, cfg, mesh)
     state = loop.initial_state(trainer, tx, c.seed, parts.init_params)
@@ -395,6 +401,7 @@ def main() -> None:
             "loss": r.loss,
             "kl_coef": r.kl_coef,
         },
+        "rope": rope_note or "as configured (rotary_dim == head_dim)",
         "warmup": a.warmup,
         "steps": a.steps,
         "block": a.block,

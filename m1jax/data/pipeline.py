@@ -2,7 +2,9 @@
 
 A `Corpus` is every document's token ids concatenated ([N] int32) plus document offsets ([D + 1]).
 It is built through `datasets` (the embedded task corpus with `Dataset.from_generator`, or the
-user's text / jsonl / parquet files or a hub dataset) and cached in the workdir as `.npz`.
+user's text / jsonl / parquet files or a hub dataset) and cached in the workdir as `.npz`. A
+directory prepared by `experiments.prepare_data` is read in place instead, through memory maps
+(`m1jax.data.prepared`): nothing is tokenized or loaded.
 
 `Packer` fills rows of `seq_len` tokens with whole documents in a seeded per-epoch order; a
 document longer than a row continues in the next row (as a new segment). Segment ids number the
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from m1jax.data import prepared
 from m1jax.data import tasks as task_lib
 
 
@@ -81,8 +84,11 @@ def load_corpus(data, tokenizer, workdir: str, split: str = "train") -> Corpus:
     """Tokenise one split of `data` (an ml_collections/dataclass-like config) with `tokenizer`.
 
     Every document is `<bos> text <eos>`. Cached under `workdir/data/` by a hash of the data
-    config and the tokenizer, so a resumed run reuses it.
+    config and the tokenizer, so a resumed run reuses it. `data.source` a prepared directory: its
+    memory-mapped `PreparedCorpus` (checked against `tokenizer`; the last documents held out as for files).
     """
+    if os.path.isdir(data.source) and prepared.is_prepared(data.source):
+        return prepared.open_prepared(data.source, tokenizer, split=split, num_eval_docs=data.num_eval_docs)
     cache_dir = os.path.join(workdir, "data")
     os.makedirs(cache_dir, exist_ok=True)
     spec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(data).items()}
