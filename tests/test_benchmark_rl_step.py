@@ -1,16 +1,33 @@
-"""experiments/benchmarks/rl_step.py in --quick mode. TRL is not a test dependency: without it
-(the test venv, CI) this test is skipped; run it where trl is installed beside m1jax."""
+"""experiments/benchmarks/rl_step.py: its tokenizer wrapper, and the benchmark in --quick mode. TRL is
+not a test dependency: without it (the test venv, CI) the quick run is skipped; run it where trl is
+installed beside m1jax."""
 
 import json
 import sys
 
 import pytest
 
-pytest.importorskip("trl", reason="the RL step benchmark compares against TRL, which is not installed")
+
+@pytest.mark.parametrize("kind", ["digits", "bytes"])
+def test_wrapped_tokenizer_encodes_prompts_like_ours(kind):
+    pytest.importorskip("transformers")
+    from experiments.benchmarks.rl_step import hf_tokenizer
+    from m1jax.data.tokenizer import ByteTokenizer
+    from rl import prompts
+
+    tok, source, vocab = (
+        (prompts.DigitTokenizer(), "toy_copy", 16) if kind == "digits" else (ByteTokenizer(), "tasks", 264)
+    )
+    hf = hf_tokenizer(tok, vocab)
+    assert len(hf.get_vocab()) == vocab and sorted(hf.get_vocab().values()) == list(range(vocab))  # one token per id
+    for text, _ in prompts.batch(source, 0, 0, 16, tasks=("copy", "reverse", "add")):
+        assert hf(text)["input_ids"] == tok.encode(text, bos=True), text
+    assert (hf.pad_token_id, hf.eos_token_id) == (tok.pad_id, tok.eos_id)
 
 
 @pytest.mark.slow
 def test_rl_step_benchmark_quick_mode(tmp_path, monkeypatch):
+    pytest.importorskip("trl", reason="the RL step benchmark compares against TRL, which is not installed")
     from experiments.benchmarks import rl_step
 
     out = tmp_path / "rl_step.json"
