@@ -96,6 +96,17 @@ def test_rerun_is_a_no_op_and_a_killed_prepare_resumes(corpus_dir, tmp_path):
 
     with pytest.raises(ValueError, match="prepared with other shard_rows"):
         prepare(inputs, str(out), text_field="body", shard_rows=4, progress=False)
+    assert not (out / ".cache").exists() and not (out / "prepare.json").exists()  # cleaned up when done
+
+    # A record whose shard files are gone is redone; an unfinished prepare resumed with other
+    # settings is an error (its records would mix two tokenizations).
+    os.remove(out / prepared.MANIFEST)
+    os.remove(out / f"{prepared.shard_name(6)}.offsets.npy")
+    assert prepare(inputs, str(out), text_field="body", shard_rows=8, progress=False) == manifest
+    os.remove(out / prepared.MANIFEST)
+    (out / "prepare.json").write_text(json.dumps({"shard_rows": 4}))
+    with pytest.raises(ValueError, match=r"prepare.json: an unfinished prepare in .* used other .*shard_rows"):
+        prepare(inputs, str(out), text_field="body", shard_rows=8, progress=False)
 
 
 def _corrupt(out, how):
@@ -121,6 +132,26 @@ def test_damaged_shards_are_errors_naming_the_file(corpus_dir, how, match):
     with pytest.raises(ValueError, match=match) as e:
         prepared.open_prepared(str(out), ByteTokenizer())
     assert name in str(e.value)
+
+
+def test_checksums_are_read_once_per_process_and_names_are_checked(corpus_dir, tmp_path, monkeypatch):
+    out, manifest = corpus_dir
+    calls = []
+    real = prepared.file_sha256
+    monkeypatch.setattr(prepared, "file_sha256", lambda path, *a: calls.append(path) or real(path, *a))
+    for split in ("train", "eval", "train"):
+        load_corpus(data_config(out), ByteTokenizer(), str(tmp_path / "w"), split)
+    assert sorted(calls) == sorted(
+        str(out / f"{r['name']}.{p}.npy") for r in manifest["shards"] for p in ("tokens", "offsets")
+    )
+
+    manifest["shards"][1]["name"] = "../elsewhere"
+    (out / prepared.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest.json: shard 1 is named '../elsewhere'"):
+        prepared.open_prepared(str(out))
+    (tmp_path / "raw").mkdir()  # a directory that was never (or not yet completely) prepared
+    with pytest.raises(ValueError, match="raw: no manifest.json, not a prepared corpus"):
+        load_corpus(data_config(tmp_path / "raw"), ByteTokenizer(), str(tmp_path / "w"), "train")
 
 
 def test_other_tokenizer_and_ids_outside_the_vocabulary_are_errors(corpus_dir, tmp_path):

@@ -85,9 +85,9 @@ def load_corpus(data, tokenizer, workdir: str, split: str = "train") -> Corpus:
 
     Every document is `<bos> text <eos>`. Cached under `workdir/data/` by a hash of the data
     config and the tokenizer, so a resumed run reuses it. `data.source` a prepared directory: its
-    memory-mapped `PreparedCorpus` (checked against `tokenizer`; the last documents held out as for files).
+    memory-mapped `PreparedCorpus` (checked against `tokenizer`; the last documents held out).
     """
-    if os.path.isdir(data.source) and prepared.is_prepared(data.source):
+    if os.path.isdir(data.source):  # a prepared corpus (an unfinished one: its error)
         return prepared.open_prepared(data.source, tokenizer, split=split, num_eval_docs=data.num_eval_docs)
     cache_dir = os.path.join(workdir, "data")
     os.makedirs(cache_dir, exist_ok=True)

@@ -4,22 +4,26 @@
 (memory-mapped Arrow, not loaded), takes `shard_rows` input rows per shard, tokenizes each shard in
 `num_proc` processes (`Dataset.map`, with its progress bar) and writes the shard's two arrays and
 then its record, each by an atomic rename. A killed prepare resumes at the first shard without a
-record; a finished one (manifest present, same inputs and settings) is a no-op; a manifest written
-from other inputs or settings is an error rather than something to overwrite.
+record, under the settings it started with (`prepare.json`); a finished one (manifest present, same
+inputs and settings) is a no-op; a manifest or an unfinished prepare from other inputs or settings
+is an error rather than something to overwrite.
 """
 
 from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 
 from m1jax.data import prepared
 from m1jax.data.tokenizer import load_tokenizer
 
+PENDING = "prepare.json"  # the settings of a prepare in progress (removed when the manifest is written)
 _BUILDERS = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}
 
 
@@ -124,17 +128,17 @@ def prepare(
         raise ValueError(f"--text_field {text_field!r} is not a column of {files[0]} (columns: {full.column_names})")
     full = full.select_columns([text_field])
     num_shards = max(1, -(-len(full) // shard_rows))
+    _claim(output, settings)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     records = []
     for i in range(num_shards):
         name = prepared.shard_name(i)
         record_path = os.path.join(output, name + ".json")
-        if os.path.isfile(record_path):  # done by an earlier (killed) run
-            with open(record_path) as f:
-                record = json.load(f)
-            prepared.check_shard_files(output, record, checksums=False)
+        part = full.select(range(i * shard_rows, min((i + 1) * shard_rows, len(full))))
+        record = _finished(output, record_path, name, len(part), key)
+        if record is not None:  # done by an earlier (killed) run
             records.append(record)
             continue
-        part = full.select(range(i * shard_rows, min((i + 1) * shard_rows, len(full))))
         procs = num_proc if num_proc and num_proc > 1 and len(part) >= 2 * num_proc else None
         encoded = part.map(
             _encode,
@@ -149,7 +153,7 @@ def prepare(
         lengths = np.fromiter((len(d) for d in docs), np.int64, count=len(docs))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.concatenate([np.asarray(d, np.int32) for d in docs]) if docs else np.zeros(0, np.int32)
-        record = {"name": name, "rows": len(part), "docs": len(docs), "tokens": int(tokens.size)}
+        record = {"name": name, "rows": len(part), "docs": len(docs), "tokens": int(tokens.size), "settings": key}
         record["max_id"] = int(tokens.max(initial=-1))
         record["bytes"], record["sha256"] = {}, {}
         for part_name, array in (("tokens", tokens), ("offsets", offsets)):
@@ -163,4 +167,38 @@ def prepare(
     manifest["docs"] = sum(r["docs"] for r in records)
     manifest["tokens"] = sum(r["tokens"] for r in records)
     _write_json(manifest_path, manifest)
+    os.remove(os.path.join(output, PENDING))
+    shutil.rmtree(cache, ignore_errors=True)  # datasets' Arrow copy of the inputs: not needed any more
     return manifest
+
+
+def _claim(output: str, settings: dict) -> None:
+    """Record the settings shards are written under (`PENDING`). An unfinished prepare's records are
+    reused only under the same settings: under others they would mix two tokenizations."""
+    started = os.path.join(output, PENDING)
+    if os.path.isfile(started) and glob.glob(os.path.join(output, "shard-*.json")):
+        with open(started) as f:
+            before = json.load(f)
+        diff = sorted(k for k in settings if before.get(k) != settings[k])
+        if diff:
+            raise ValueError(
+                f"{started}: an unfinished prepare in {output} used other {', '.join(diff)}; "
+                "rerun it with its settings, or use a new --output directory"
+            )
+    _write_json(started, settings)
+
+
+def _finished(output: str, record_path: str, name: str, rows: int, key: str) -> dict | None:
+    """The record of shard `name` if an earlier run finished it under the same settings (`key`) with
+    its files intact, else None (redo it)."""
+    if not os.path.isfile(record_path):
+        return None
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+        if (record.get("name"), record.get("rows"), record.get("settings")) != (name, rows, key):
+            return None
+        prepared.check_shard_files(output, record, checksums=False)
+    except (OSError, ValueError, KeyError):  # a damaged record or shard: written again
+        return None
+    return record

@@ -21,6 +21,7 @@ reads only the pages of the documents it packs and resident memory does not grow
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -55,10 +56,6 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
         "pad_id": int(tokenizer.pad_id),
         "sha256": file_sha256(path) if path else None,
     }
-
-
-def is_prepared(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
 
 
 def read_manifest(directory: str) -> dict:
@@ -118,11 +115,20 @@ class PreparedCorpus:
         return np.asarray(self._tokens[s][lo:hi])
 
 
+@functools.lru_cache(maxsize=16)
+def _verify_once(directory: str, manifest_text: str) -> None:
+    """Every shard's SHA-256, once per process and manifest (the train and eval splits share it):
+    reading the corpus costs about a second per GB."""
+    for record in json.loads(manifest_text)["shards"]:
+        check_shard_files(directory, record)
+
+
 def open_prepared(directory: str, tokenizer=None, *, split: str = "train", num_eval_docs: int = 0, checksums=True):
     """The `split` of a prepared directory as a `PreparedCorpus`, after checking every shard (see the
-    module docstring) and, given `tokenizer`, that it is the one the corpus was prepared with. The
-    held-out split is the last min(num_eval_docs, docs // 10) documents (at least one), as for files
-    in `pipeline.load_corpus`; "train" is the rest."""
+    module docstring; the SHA-256s once per process) and, given `tokenizer`, that it is the one the
+    corpus was prepared with. The held-out split is the last min(num_eval_docs, docs // 10)
+    documents (at least one); "train" is the rest. (Files given directly to `pipeline.load_corpus`
+    split their input rows instead, empty ones included: with empty texts the two can differ.)"""
     manifest = read_manifest(directory)
     if tokenizer is not None:
         want, have = manifest["tokenizer"], tokenizer_identity(tokenizer)
@@ -131,8 +137,13 @@ def open_prepared(directory: str, tokenizer=None, *, split: str = "train", num_e
             detail = ", ".join(f"{k}: prepared {want.get(k)!r}, config {have.get(k)!r}" for k in diff)
             raise ValueError(f"{os.path.join(directory, MANIFEST)}: prepared with another tokenizer ({detail})")
     vocab = manifest["tokenizer"]["vocab_size"]
+    for i, record in enumerate(manifest["shards"]):
+        if record.get("name") != shard_name(i):
+            raise ValueError(f"{os.path.join(directory, MANIFEST)}: shard {i} is named {record.get('name')!r}")
+    if checksums:
+        _verify_once(directory, json.dumps(manifest, sort_keys=True))
     for record in manifest["shards"]:
-        check_shard_files(directory, record, checksums=checksums)
+        check_shard_files(directory, record, checksums=False)
         if record["max_id"] >= vocab:
             name = os.path.join(directory, record["name"] + ".tokens.npy")
             raise ValueError(f"{name}: token id {record['max_id']} outside the tokenizer's vocabulary of {vocab}")
