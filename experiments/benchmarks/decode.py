@@ -40,17 +40,22 @@ from m1jax.model import init_params
 from rl.sampler import SamplingParams, sample
 
 
+def _median_seconds(fn, reps: int = 5) -> float:
+    """Median wall time of `fn()` (which blocks until its result is ready) after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def read_bandwidth() -> float:
     """Bytes/s of reading a 1 GiB fp32 array once (median of 5 sums)."""
     x = jnp.ones((1 << 28,), jnp.float32)
     f = jax.jit(jnp.sum)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return x.nbytes / statistics.median(times)
+    return x.nbytes / _median_seconds(lambda: f(x).block_until_ready())
 
 
 def matmul_bandwidth(rows: int, hidden: int) -> float:
@@ -58,13 +63,7 @@ def matmul_bandwidth(rows: int, hidden: int) -> float:
     w = jnp.ones((hidden, (1 << 26) // hidden), jnp.float32)
     x = jnp.ones((rows, hidden), jnp.float32)
     f = jax.jit(jnp.matmul, compiler_options=host.cpu_compiler_options())
-    f(x, w).block_until_ready()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(x, w).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return w.nbytes / statistics.median(times)
+    return w.nbytes / _median_seconds(lambda: f(x, w).block_until_ready())
 
 
 def step_bytes(cfg, params, batch: int, context: int) -> dict:

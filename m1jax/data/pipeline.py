@@ -55,6 +55,10 @@ def _task_rows(seed: int, split: str, num: int, tasks: tuple[str, ...]) -> Itera
         yield {"text": ex.text, "task": ex.task, "difficulty": ex.difficulty}
 
 
+# A file extension -> the `datasets` builder that reads it.
+FILE_BUILDERS = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}
+
+
 def _raw_dataset(data, split: str, cache_dir: str):
     """The untokenised `datasets.Dataset` of one split ("train" or "eval")."""
     import datasets
@@ -67,7 +71,7 @@ def _raw_dataset(data, split: str, cache_dir: str):
     files = [f for f in data.source.split(",") if f]
     if all(os.path.exists(f) for f in files):
         ext = os.path.splitext(files[0])[1].lstrip(".").lower()
-        builder = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
+        builder = FILE_BUILDERS.get(ext)
         if builder is None:
             raise ValueError(f"data.source {files[0]!r}: unsupported extension {ext!r} (txt, jsonl, json, parquet)")
         full = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)

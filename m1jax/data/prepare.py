@@ -21,10 +21,10 @@ import shutil
 import numpy as np
 
 from m1jax.data import prepared
+from m1jax.data.pipeline import FILE_BUILDERS
 from m1jax.data.tokenizer import load_tokenizer
 
 PENDING = "prepare.json"  # the settings of a prepare in progress (removed when the manifest is written)
-_BUILDERS = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}
 
 
 def expand_inputs(patterns: str | list[str]) -> list[str]:
@@ -46,9 +46,9 @@ def _builder(files: list[str]) -> str:
     kinds = {}
     for f in files:
         ext = os.path.splitext(f)[1].lstrip(".").lower()
-        if ext not in _BUILDERS:
+        if ext not in FILE_BUILDERS:
             raise ValueError(f"{f}: unsupported extension {ext!r} (txt, jsonl, json, parquet)")
-        kinds.setdefault(_BUILDERS[ext], f)
+        kinds.setdefault(FILE_BUILDERS[ext], f)
     if len(kinds) > 1:
         mixed = ", ".join(f"{k}: {f}" for k, f in kinds.items())
         raise ValueError(f"--input mixes file kinds ({mixed}); prepare each kind into its own directory")
@@ -78,11 +78,16 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _differing(settings: dict, other: dict) -> str:
+    """The names of the settings `other` has otherwise, comma-separated ("" when none)."""
+    return ", ".join(sorted(k for k in settings if other.get(k) != settings[k]))
+
+
 def _settings(files, tokenizer, text_field: str, shard_rows: int) -> dict:
     """What a finished manifest must agree with for a rerun to be a no-op (input sizes and mtimes
     stand for their contents: hashing hundreds of GB on every rerun is what this step avoids)."""
-    stat = lambda f: {"path": os.path.abspath(f), "bytes": os.stat(f).st_size, "mtime_ns": os.stat(f).st_mtime_ns}
-    inputs = [stat(f) for f in files]
+    stats = {f: os.stat(f) for f in files}
+    inputs = [{"path": os.path.abspath(f), "bytes": s.st_size, "mtime_ns": s.st_mtime_ns} for f, s in stats.items()]
     return {
         "format": prepared.FORMAT,
         "inputs": inputs,
@@ -114,11 +119,8 @@ def prepare(
     manifest_path = os.path.join(output, prepared.MANIFEST)
     if os.path.isfile(manifest_path):
         done = prepared.read_manifest(output)
-        diff = sorted(k for k in settings if done.get(k) != settings[k])
-        if diff:
-            raise ValueError(
-                f"{manifest_path}: {output} was prepared with other {', '.join(diff)}; use a new --output directory"
-            )
+        if diff := _differing(settings, done):
+            raise ValueError(f"{manifest_path}: {output} was prepared with other {diff}; use a new --output directory")
         return done
     if not progress:
         datasets.disable_progress_bars()
@@ -179,10 +181,9 @@ def _claim(output: str, settings: dict) -> None:
     if os.path.isfile(started) and glob.glob(os.path.join(output, "shard-*.json")):
         with open(started) as f:
             before = json.load(f)
-        diff = sorted(k for k in settings if before.get(k) != settings[k])
-        if diff:
+        if diff := _differing(settings, before):
             raise ValueError(
-                f"{started}: an unfinished prepare in {output} used other {', '.join(diff)}; "
+                f"{started}: an unfinished prepare in {output} used other {diff}; "
                 "rerun it with its settings, or use a new --output directory"
             )
     _write_json(started, settings)
