@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pytest
 
+from m1jax.data import streams
+from m1jax.data.loader import gather_state
 from m1jax.data.pipeline import Corpus, Packer, load_corpus, loss_mask
 from m1jax.data.tokenizer import ByteTokenizer
 from m1jax.train.config import base_config
-from m1jax.train.loop import gather_data_state
 
 
 def corpus_of(lengths, seed=0):
@@ -51,7 +52,7 @@ def test_rows_hold_whole_documents_and_every_token_once_per_epoch():
     corpus = corpus_of(lengths)
     p = Packer(corpus, 32, 2, seed=0)
     seen = []
-    while p.epoch == 0:
+    while p.stream.epoch == 0:
         batch = p.next_batch()
         for toks, segs in zip(batch["tokens"], batch["segment_ids"], strict=True):
             ids = segs[segs > 0]
@@ -121,7 +122,8 @@ def test_shards_take_every_nth_document_of_one_permutation():
     corpus = corpus_of(np.random.default_rng(4).integers(3, 40, 101))  # 101 docs: shards of 34, 34, 33
     all_docs = [tuple(corpus.doc(d)) for d in range(len(corpus))]
     assert len(set(all_docs)) == len(corpus)  # documents are told apart by their tokens
-    epoch0, epoch1 = (np.random.default_rng([5, e]).permutation(len(corpus)) for e in (0, 1))
+    n = len(corpus)
+    epoch0, epoch1 = (streams.permute(np.arange(n), n, streams.feistel_keys(5, e)) for e in (0, 1))
     shards = []
     for i in range(3):
         docs = packed_docs(Packer(corpus, 64, 2, seed=5, shard=i, num_shards=3), 30)  # >= 60 docs
@@ -144,17 +146,35 @@ def batch_digest(packer, n):
 
 def test_one_shard_gives_the_unsharded_batches():
     """Digests of the batches of the packer before shards existed (40 batches: several epochs,
-    documents longer than a row), and the continuation after restoring a state it saved."""
+    documents longer than a row), under its document order ("numpy"), and the continuation after
+    restoring a state it saved (no "order" field: that order is taken up again)."""
     corpus = corpus_of(np.random.default_rng(1).integers(3, 90, 60))
     shuffled = "049171900815f30aafcaaa8becf57f51672ac7004bf65dedd8b1ec102f7403d6"
     in_order = "678aeb4effa5aafd01c1651c452d9c12815b0b550d557fb98640a4fdbeed4f94"
-    assert batch_digest(Packer(corpus, 64, 4, seed=3), 40) == shuffled
-    assert batch_digest(Packer(corpus, 64, 4, seed=3, shard=0, num_shards=1), 40) == shuffled
+    assert batch_digest(Packer(corpus, 64, 4, seed=3, order="numpy"), 40) == shuffled
+    assert batch_digest(Packer(corpus, 64, 4, seed=3, shard=0, num_shards=1, order="numpy"), 40) == shuffled
     assert batch_digest(Packer(corpus, 64, 4, seed=3, shuffle=False), 40) == in_order
+    assert batch_digest(Packer(corpus, 64, 4, seed=3), 40) != shuffled  # the default order is "feistel"
     old_state = {"epoch": 1, "index": 15, "offset": 74, "seed": 3}  # the old packer's state after 15 batches
     p = Packer(corpus, 64, 4, seed=3)
     p.restore(old_state)
     assert batch_digest(p, 25) == "f06d63bbe008f85895993a2ce9a151f5588ba053005f2b992606bbb4cf256a7c"
+    assert p.state["order"] == "numpy"  # and its checkpoints keep it
+    with pytest.raises(ValueError, match="document order 'sorted'"):
+        p.restore(dict(old_state, order="sorted"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4097])
+def test_feistel_permutation_is_a_seeded_bijection(n):
+    keys = streams.feistel_keys(11, 0)
+    perm = streams.permute(np.arange(n), n, keys)
+    assert sorted(perm.tolist()) == list(range(n))
+    np.testing.assert_array_equal(streams.permute(np.arange(n)[::-1], n, keys), perm[::-1])  # any positions
+    if n >= 64:
+        other = streams.permute(np.arange(n), n, streams.feistel_keys(11, 1))
+        assert np.mean(perm == other) < 0.1 and np.mean(perm == np.arange(n)) < 0.1
+        # Shuffled, not shifted: displacement |perm[i] - i| averages ~n/3 for a uniform permutation.
+        assert 0.25 < np.abs(perm - np.arange(n)).mean() / n < 0.42
 
 
 def assert_same_batches(xs, ys):
@@ -195,7 +215,7 @@ def test_gathered_data_state_holds_this_process_and_resumes():
     corpus = corpus_of(np.random.default_rng(6).integers(3, 90, 80))
     p = Packer(corpus, 64, 4, seed=7)
     take(p, 9)
-    saved = json.loads(json.dumps(gather_data_state(p)))
+    saved = json.loads(json.dumps(gather_state(p, p.state)))
     assert saved == {"shards": [p.state]}
     q = Packer(corpus, 64, 4, seed=7)
     q.restore(saved)

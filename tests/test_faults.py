@@ -338,7 +338,11 @@ def test_cli_rerun_of_a_finished_rl_run_says_complete(tmp_path):
         ("experiments.cispo", "--config.temperature=2", "config.temperature is now config.rl.sampling.temperature"),
         ("experiments.pretrain", "--config.learning_rate=1", "config.learning_rate is now config.optim.learning_rate"),
         ("experiments.pretrain", "--config.nonsense.deep=1", "error: --config.nonsense.deep=1: unknown field(s)"),
-        ("experiments.pretrain", "--config.data.nonsens.x=1", "'nonsens' in config.data; it has: num_eval_docs"),
+        (
+            "experiments.pretrain",
+            "--config.data.nonsens.x=1",
+            "'nonsens' in config.data; it has: mixture, num_eval_docs",
+        ),
         ("experiments.pretrain", "--config.steps.x=1", "config.steps is a value, not a section with fields"),
         ("experiments.cispo", "--config.model.preset.x=1", "config.model.preset is a value, not a section"),
         ("experiments.pretrain", "--config.steps=abc", "error: flag --config.steps=abc: invalid literal for int()"),

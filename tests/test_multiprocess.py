@@ -287,3 +287,52 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, jax_cache)
         for p in packers:
             p.next_batch()
     assert [p.state for p in packers] == shards
+
+
+@pytest.fixture(scope="module")
+def mixture_runs(tmp_path_factory, jax_cache):
+    """A mixture of two prepared directories on the pair: 4 steps straight, and 2 then resumed to 4."""
+    from m1jax.data.prepare import prepare
+
+    base = tmp_path_factory.mktemp("mixture")
+    dirs = []
+    for name, texts in (
+        ("arith", [f"{i}+{i % 7}={i + i % 7}" for i in range(120)]),
+        ("words", [" ".join(["ab", "cd", "ef"][: 1 + i % 3]) * (1 + i % 4) for i in range(30)]),
+    ):
+        (base / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        prepare(str(base / f"{name}.jsonl"), str(base / name), shard_rows=32, progress=False)
+        dirs.append(base / name)
+    mix = f"--config.data.mixture={dirs[0]}:0.7,{dirs[1]}:0.3"
+    full, parts = base / "full", base / "parts"
+    flags = (mix, "--config.eval.num_samples=0", "--config.data.num_eval_docs=4", "--config.eval.every=4")
+    _launch(full, 4, jax_cache, *flags)
+    _launch(parts, 2, jax_cache, *flags)
+    _launch(parts, 4, jax_cache, *flags)
+    return {"full": full, "parts": parts, "dirs": dirs}
+
+
+@pytest.mark.slow
+def test_a_mixture_on_two_processes_resumes_exactly(mixture_runs):
+    """Each process draws its shard of both sources through the Grain loader; the checkpoint holds
+    both processes' mixture positions (those of a replay here), and 2 + 2 steps equal 4."""
+    from m1jax.data import prepared
+    from m1jax.data.pipeline import mixed_packer
+
+    full, parts = mixture_runs["full"], mixture_runs["parts"]
+    a, b = _losses(full), _losses(parts)
+    assert sorted(a) == sorted(b) == list(range(1, 5)), (a, b)
+    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-6, atol=0)
+    assert _data_state(parts, 4) == _data_state(full, 4)
+    rows = [r for r in read_metrics(full) if "loss" in r]
+    assert all(abs(r["data/arith/share"] + r["data/words/share"] - 1) < 1e-9 for r in rows), rows
+    evals = _losses(full, "eval_loss/words")
+    assert sorted(evals) == [4] and math.isfinite(evals[4])
+    sources = [prepared.open_prepared(str(d), split="train", num_eval_docs=4) for d in mixture_runs["dirs"]]
+    packers = [
+        mixed_packer(sources, [0.7, 0.3], SEQ, BATCH // PROCS, seed=0, shard=i, num_shards=PROCS) for i in range(PROCS)
+    ]
+    for _ in range(4):
+        for p in packers:
+            p.next_batch()
+    assert [p.state for p in packers] == _data_state(full, 4)["shards"]

@@ -53,7 +53,7 @@ def test_shards_hold_the_documents_of_the_in_memory_path(corpus_dir, tmp_path):
     assert manifest["tokens"] == sum(len(tok.encode(t, bos=True, eos=True)) for t in TEXTS)
     full = prepared.open_prepared(str(out), tok)
     assert docs_of(full) == [tok.encode(t, bos=True, eos=True) for t in TEXTS]
-    assert isinstance(full._tokens[0], np.memmap)  # read in place, not loaded
+    assert not hasattr(full, "tokens")  # read in place, a document at a time, not loaded
 
     # The training path: a prepared directory gives the same train / eval documents and the same
     # packed batches as the same texts given as a file.
@@ -201,3 +201,25 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert code == 0 and "4 documents" in line, line
     with pytest.raises(ValueError, match="no manifest.json, not a prepared corpus"):
         prepared.open_prepared(str(tmp_path))
+
+
+def test_spans_locate_the_documents_doc_returns(corpus_dir):
+    """The packer's batched lookup (`spans`, over shards and a held-out range) agrees with `doc`."""
+    out, _ = corpus_dir
+    for split in ("train", "eval"):
+        corpus = prepared.open_prepared(str(out), ByteTokenizer(), split=split, num_eval_docs=5)
+        ids = np.random.default_rng(0).permutation(len(corpus))
+        part, lo, hi = corpus.spans(ids)
+        many = corpus.read_many(part.tolist(), lo.tolist(), hi.tolist())
+        for d, p, a, b, doc in zip(ids, part, lo, hi, many, strict=True):
+            np.testing.assert_array_equal(corpus.read(int(p), int(a), int(b)), corpus.doc(int(d)))
+            np.testing.assert_array_equal(doc, corpus.doc(int(d)))
+    corpus = prepared.open_prepared(str(out), ByteTokenizer(), num_eval_docs=5)
+    corpus.MAX_OPEN = 2  # more shards (7) than open files: descriptors are closed and reopened
+    want = docs_of(prepared.open_prepared(str(out), ByteTokenizer(), num_eval_docs=5))
+    assert docs_of(corpus) == want
+    for ids in (np.arange(len(corpus)), np.random.default_rng(1).permutation(len(corpus)), [40, 0, 41, 1, 8]):
+        part, lo, hi = corpus.spans(np.asarray(ids))
+        got = corpus.read_many(part.tolist(), lo.tolist(), hi.tolist())
+        assert [g.tolist() for g in got] == [want[i] for i in ids]
+        assert len(corpus._fds) <= 2

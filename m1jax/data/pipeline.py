@@ -6,12 +6,13 @@ user's text / jsonl / parquet files or a hub dataset) and cached in the workdir 
 directory prepared by `experiments.prepare_data` is read in place instead, through memory maps
 (`m1jax.data.prepared`): nothing is tokenized or loaded.
 
-`Packer` fills rows of `seq_len` tokens with whole documents in a seeded per-epoch order; a
+`Packer` fills rows of `seq_len` tokens with whole documents in a seeded per-epoch order (a
+`streams.ShuffledDocs`, or a weighted `streams.MixedDocs` of several corpora: `data.mixture`); a
 document longer than a row continues in the next row (as a new segment). Segment ids number the
 documents of a row 1, 2, ...; 0 marks padding. Its position (epoch, document, offset) is a small
 dict saved with every checkpoint, so a resumed run sees exactly the batches it would have seen.
 
-With several processes each packs only its own rows: every process draws the same per-epoch
+With several processes each packs only its own rows: every process computes the same per-epoch
 permutation and shard i of n takes its documents i, i+n, i+2n, ... (disjoint shards that together
 cover the corpus every epoch). One shard (n = 1) is exactly the unsharded packer.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from m1jax.data import prepared
+from m1jax.data import prepared, streams
 from m1jax.data import tasks as task_lib
 
 
@@ -41,6 +42,17 @@ class Corpus:
 
     def doc(self, d: int) -> np.ndarray:
         return self.tokens[self.offsets[d] : self.offsets[d + 1]]
+
+    def spans(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where documents `ids` [k] lie, for `read`: (part [k] (all 0), start [k], stop [k])."""
+        return np.zeros(len(ids), np.int64), self.offsets[ids], self.offsets[ids + 1]
+
+    def read(self, part: int, lo: int, hi: int) -> np.ndarray:
+        return self.tokens[lo:hi]
+
+    def read_many(self, parts: list[int], los: list[int], his: list[int]) -> list[np.ndarray]:
+        tokens = self.tokens
+        return [tokens[lo:hi] for lo, hi in zip(los, his, strict=True)]
 
 
 def _from_lists(docs) -> Corpus:
@@ -113,6 +125,67 @@ def load_corpus(data, tokenizer, workdir: str, split: str = "train") -> Corpus:
     return corpus
 
 
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """ "dirA:0.7,dirB:0.3" -> [(dirA, 0.7), (dirB, 0.3)]: prepared directories with positive weights
+    (normalised when used). ValueError naming `data.mixture` and the entry otherwise."""
+    out = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        path, sep, weight = entry.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = float("nan")
+        if not sep or not path or not (w > 0 and np.isfinite(w)):
+            raise ValueError(f"data.mixture entry {entry!r}: expected DIR:WEIGHT with a positive weight")
+        if not os.path.isdir(path):
+            raise ValueError(f"data.mixture entry {entry!r}: {path!r} is not a directory (a prepared corpus)")
+        out.append((path, w))
+    if len(out) < 1:
+        raise ValueError(f"data.mixture={spec!r} names no source")
+    if len({os.path.realpath(p) for p, _ in out}) != len(out):
+        raise ValueError(f"data.mixture={spec!r} names a directory twice")
+    return out
+
+
+def source_names(data) -> list[str]:
+    """A short name per source of `data` (the mixture's directory names, else one "train")."""
+    if not data.get("mixture"):
+        return ["train"]
+    paths = [os.path.normpath(p) for p, _ in parse_mixture(data.mixture)]
+    names = [os.path.basename(p) for p in paths]
+    return names if len(set(names)) == len(names) else paths
+
+
+def load_sources(data, tokenizer, workdir: str, split: str = "train") -> list:
+    """The corpora of `split`: one per `data.mixture` source (each a prepared directory with its own
+    held-out documents), else `[load_corpus(data, ...)]`."""
+    if not data.get("mixture"):
+        return [load_corpus(data, tokenizer, workdir, split)]
+    if data.source != "tasks":
+        raise ValueError(f"set data.source ({data.source!r}) or data.mixture ({data.mixture!r}), not both")
+    return [
+        prepared.open_prepared(path, tokenizer, split=split, num_eval_docs=data.num_eval_docs)
+        for path, _ in parse_mixture(data.mixture)
+    ]
+
+
+def mixed_packer(
+    sources, weights, seq_len: int, batch_size: int, *, seed: int = 0, shard: int = 0, num_shards: int = 1
+):
+    """A `Packer` over `sources` (corpora) drawn with `weights`; each source has its own seeded
+    permutations (keyed by its index), this shard's share of each."""
+    for s in sources:
+        _check_shard(shard, num_shards, len(s))
+    docs = [
+        streams.ShuffledDocs(s, seed=seed, key=(1, i), shard=shard, num_shards=num_shards)
+        for i, s in enumerate(sources)
+    ]
+    return Packer(streams.MixedDocs(docs, weights, seed=seed), seq_len, batch_size, seed=seed, shard=shard,
+                  num_shards=num_shards)  # fmt: skip
+
+
 class Packer:
     """Rows of `seq_len` tokens from `corpus`, `batch_size` rows per batch, deterministic in `seed`.
 
@@ -120,11 +193,14 @@ class Packer:
     give and set the position (a JSON-able dict). `shuffle=False` keeps corpus order (eval).
     `shard` / `num_shards`: pack only documents shard, shard + num_shards, ... of each epoch's order
     (one process's share of the global batch; `batch_size` is then the rows of this shard).
+    `corpus` may instead be a `streams.MixedDocs` over this shard's sources (a mixture);
+    `source_tokens` counts the tokens each source put in the last batch. `order`: the permutation
+    (`streams.ORDERS`; a state saved before orders were recorded restores "numpy").
     """
 
     def __init__(
         self,
-        corpus: Corpus,
+        corpus,
         seq_len: int,
         batch_size: int,
         *,
@@ -132,39 +208,60 @@ class Packer:
         shuffle: bool = True,
         shard: int = 0,
         num_shards: int = 1,
+        order: str = "feistel",
     ):
-        if len(corpus) == 0:
-            raise ValueError("cannot pack an empty corpus")
-        _check_shard(shard, num_shards, len(corpus))
+        if isinstance(corpus, streams.MixedDocs):
+            self.stream, self.num_sources = corpus, len(corpus.streams)
+            for s in corpus.streams:
+                _check_shard(shard, num_shards, len(s.corpus))
+        else:
+            if len(corpus) == 0:
+                raise ValueError("cannot pack an empty corpus")
+            _check_shard(shard, num_shards, len(corpus))
+            self.stream = streams.ShuffledDocs(
+                corpus, seed=seed, shuffle=shuffle, shard=shard, num_shards=num_shards, order=order
+            )
+            self.num_sources = 1
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.seed, self.shuffle = seed, shuffle
         self.shard, self.num_shards = shard, num_shards
-        self.epoch, self.index, self.offset = 0, 0, 0
-        self._order = self._epoch_order(0)
+        self.offset = 0
+        self.source_tokens = np.zeros(self.num_sources, np.int64)
+        self._counts = [0] * self.num_sources
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        """This shard's documents of `epoch`, in packing order ([ceil or floor of D / num_shards])."""
-        n = len(self.corpus)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        # The permutation depends only on (seed, epoch), so every process slices the same one.
-        return order[self.shard :: self.num_shards]
+    @property
+    def mixed(self) -> bool:
+        return isinstance(self.stream, streams.MixedDocs)
+
+    @property
+    def _docs(self) -> list[streams.ShuffledDocs]:
+        return self.stream.streams if self.mixed else [self.stream]
+
+    def position(self) -> list[int]:
+        """[offset, *stream position]: every int of the state that moves (a fixed length per layout)."""
+        return [self.offset, *self.stream.position()]
+
+    def state_at(self, position, shard: int | None = None) -> dict:
+        """The `state` dict of `position` (this packer's, or shard `shard`'s gathered one)."""
+        offset, *pos = (int(p) for p in position)
+        state = {"offset": offset, "seed": self.seed, "shard": self.shard if shard is None else shard}
+        state["num_shards"], state["order"] = self.num_shards, self._docs[0].order
+        state["docs"] = [len(d.corpus) for d in self._docs]  # checked on restore: the same data
+        if self.mixed:
+            state["mixture"], state["weights"] = pos, self.stream.weights.tolist()
+        else:
+            state["epoch"], state["index"] = pos
+        return state
 
     @property
     def state(self) -> dict[str, int]:
-        return {
-            "epoch": self.epoch,
-            "index": self.index,
-            "offset": self.offset,
-            "seed": self.seed,
-            "shard": self.shard,
-            "num_shards": self.num_shards,
-        }
+        return self.state_at(self.position())
 
     def restore(self, state: dict) -> None:
         """Set the position from `state`: this packer's own `state`, a {"shards": [state of shard 0,
         1, ...]} dict of every process (entry `shard` is used), or a state saved before sharding
         existed (no shard fields: shard 0 of 1). Raises ValueError when it belongs to another
-        shard layout (process count) or seed."""
+        shard layout (process count), seed or data source layout (a mixture or not)."""
         if "shards" in state:
             shards = state["shards"]
             if len(shards) != self.num_shards:
@@ -181,35 +278,69 @@ class Packer:
             )
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, the config has seed {self.seed}")
-        self.epoch, self.index, self.offset = int(state["epoch"]), int(state["index"]), int(state["offset"])
-        self._order = self._epoch_order(self.epoch)
+        if ("mixture" in state) != self.mixed:
+            kind = "a mixture (data.mixture)" if "mixture" in state else "one source (data.source)"
+            raise ValueError(f"data state was saved reading {kind}; this run's data config differs")
+        order = state.get("order", "numpy")  # a state without it was saved under numpy's order
+        if order not in streams.ORDERS:
+            raise ValueError(f"data state has document order {order!r}, this m1jax knows {streams.ORDERS}")
+        docs = [len(d.corpus) for d in self._docs]
+        if "docs" in state and list(state["docs"]) != docs:
+            raise ValueError(
+                f"data state was saved reading sources of {state['docs']} documents, this run's have {docs}: "
+                "the data changed (data.source / data.mixture); resume with the same data or start a new workdir"
+            )
+        if self.mixed and "weights" in state and not np.allclose(state["weights"], self.stream.weights):
+            raise ValueError(f"data state was saved with mixture weights {state['weights']}, data.mixture now gives "
+                             f"{self.stream.weights.tolist()}")  # fmt: skip
+        before = [d.order for d in self._docs]
+        try:
+            for d in self._docs:
+                d.order = order
+            self.stream.seek(state["mixture"] if self.mixed else (state["epoch"], state["index"]))
+        except ValueError:
+            for d, o in zip(self._docs, before, strict=True):
+                d.order = o
+            raise
+        self.offset = int(state["offset"])
+
+    def epochs_at(self, state: dict) -> list[float]:
+        """Epochs of each source's documents (this shard's share) taken at `state` (fractional)."""
+        docs = self._docs
+        pos = state["mixture"][1:] if self.mixed else [state["epoch"], state["index"]]
+        return [pos[2 * i] + pos[2 * i + 1] / len(d) for i, d in enumerate(docs)]
 
     def _row(self) -> tuple[np.ndarray, np.ndarray]:
-        tokens = np.zeros(self.seq_len, np.int32)
-        segs = np.zeros(self.seq_len, np.int32)
-        filled, seg = 0, 0
-        while filled < self.seq_len:
-            doc = self.corpus.doc(int(self._order[self.index]))
-            rest = len(doc) - self.offset
-            space = self.seq_len - filled
-            if rest > space and filled > 0 and len(doc) <= self.seq_len:
+        # Slices are collected and written once per row: per-document numpy writes would cost
+        # more than the documents' copies themselves when documents are short.
+        pieces, takes, counts = [], [], self._counts
+        filled, seq_len, stream = 0, self.seq_len, self.stream
+        while filled < seq_len:
+            doc = stream.peek()
+            n, offset = len(doc), self.offset
+            rest, space = n - offset, seq_len - filled
+            if rest > space and filled > 0 and n <= seq_len:
                 break  # a document that fits a row is never split: it starts the next row
-            take = min(rest, space)
-            seg += 1
-            tokens[filled : filled + take] = doc[self.offset : self.offset + take]
-            segs[filled : filled + take] = seg
+            take = rest if rest < space else space
+            pieces.append(doc[offset : offset + take] if take < n else doc)
+            takes.append(take)
+            counts[stream.source] += take
             filled += take
-            self.offset += take
-            if self.offset == len(doc):
+            if offset + take == n:
                 self.offset = 0
-                self.index += 1
-                if self.index == len(self._order):  # this shard's share of the epoch is done
-                    self.epoch, self.index = self.epoch + 1, 0
-                    self._order = self._epoch_order(self.epoch)
+                stream.advance()
+            else:
+                self.offset = offset + take
+        tokens = np.zeros(seq_len, np.int32)
+        segs = np.zeros(seq_len, np.int32)
+        tokens[:filled] = np.concatenate(pieces)
+        segs[:filled] = np.repeat(np.arange(1, len(takes) + 1, dtype=np.int32), takes)
         return tokens, segs
 
     def next_batch(self) -> dict[str, np.ndarray]:
+        self._counts = [0] * self.num_sources
         rows = [self._row() for _ in range(self.batch_size)]
+        self.source_tokens = np.asarray(self._counts, np.int64)
         return {"tokens": np.stack([r[0] for r in rows]), "segment_ids": np.stack([r[1] for r in rows])}
 
 

@@ -15,8 +15,9 @@ shard, and per shard its document and token counts, largest token id, file sizes
 
 `open_prepared` checks all of it before a step runs (missing or truncated shard files, checksums,
 the tokenizer against the config's, token ids outside the vocabulary) and returns a
-`PreparedCorpus`: the `Corpus` interface (`len`, `doc`) over memory-mapped shards, so a process
-reads only the pages of the documents it packs and resident memory does not grow with the corpus.
+`PreparedCorpus`: the `Corpus` interface (`len`, `doc`) over the shard files, read in place a
+document at a time, so a process reads only the documents it packs and resident memory does not
+grow with the corpus.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import weakref
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
-def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -86,33 +88,122 @@ def check_shard_files(directory: str, record: dict, *, checksums: bool = True) -
 
 
 class PreparedCorpus:
-    """Documents [start, stop) of a prepared directory's shards, memory-mapped: `len`, `doc(d)`."""
+    """Documents [start, stop) of a prepared directory's shards: `len`, `doc(d)`, and for many
+    documents at once `spans(ids)` + `read(shard, lo, hi)`.
+
+    Tokens are read with `os.pread`, a document's bytes at a time. (Not memory-mapped: pages of a
+    mapped file stay in the process's resident set once touched, on this kernel whole large folios,
+    ~100 KB a document, so a mapped corpus would grow a run's RSS with every document it reads.)
+    The one thing held per document is its offset within its shard, as uint32 (4 bytes a document,
+    the shards in range only): a second read per document would halve the loader's speed on short
+    documents.
+    """
+
+    MAX_OPEN = 128  # token files kept open at once (a corpus may have thousands of shards)
 
     def __init__(self, directory: str, manifest: dict, start: int = 0, stop: int | None = None):
         self.directory, self.manifest = directory, manifest
-        self._tokens, self._offsets = [], []
-        for record in manifest["shards"]:
+        self._paths, self._data_start = [], []  # per shard: (tokens, offsets) files, byte of token 0
+        counts = np.asarray([int(r["docs"]) for r in manifest["shards"]], np.int64)
+        for record, docs in zip(manifest["shards"], counts, strict=True):
             base = os.path.join(directory, record["name"])
-            self._tokens.append(np.load(f"{base}.tokens.npy", mmap_mode="r"))
-            self._offsets.append(np.load(f"{base}.offsets.npy"))  # [D_i + 1] int64: small next to the tokens
-        counts = np.asarray([len(o) - 1 for o in self._offsets], np.int64)
+            paths, starts = (f"{base}.tokens.npy", f"{base}.offsets.npy"), []
+            for path, dtype, n in zip(paths, (np.int32, np.int64), (None, docs + 1), strict=True):
+                header = np.load(path, mmap_mode="r")  # the .npy header only: no data is read
+                if header.dtype != dtype or header.ndim != 1 or (n is not None and len(header) != n):
+                    raise ValueError(f"{path}: {header.dtype} {header.shape}, expected {np.dtype(dtype)} [{n or 'N'}]")
+                starts.append(int(header.offset))
+                del header
+            self._paths.append(paths)
+            self._data_start.append(starts[0])
         self._first = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's first document
         total = int(self._first[-1])
         self.start, self.stop = start, total if stop is None else stop
         if not 0 <= self.start <= self.stop <= total:
             raise ValueError(f"{directory}: document range [{start}, {stop}) outside [0, {total}]")
+        self._offsets = [self._load_offsets(i) for i in range(len(counts))]
+        self._fds: dict[int, int] = {}  # shard -> its token file's descriptor, least recently used first
+        weakref.finalize(self, _close_all, self._fds)
 
     def __len__(self) -> int:
         return self.stop - self.start
 
+    def __getstate__(self):  # picklable (Grain workers): descriptors are reopened where used
+        return {k: v for k, v in self.__dict__.items() if k != "_fds"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _fds={})
+        weakref.finalize(self, _close_all, self._fds)
+
+    def _fd(self, shard: int, keep=()) -> int:
+        """Shard `shard`'s token file, opened on demand; past MAX_OPEN the least recently used one
+        not in `keep` is closed."""
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            for victim in [s for s in self._fds if s not in keep][: max(0, len(self._fds) + 1 - self.MAX_OPEN)]:
+                os.close(self._fds.pop(victim))
+            fd = os.open(self._paths[shard][0], os.O_RDONLY)
+        self._fds[shard] = fd  # most recently used last
+        return fd
+
+    def _load_offsets(self, shard: int) -> np.ndarray | None:
+        """Shard `shard`'s [D_i + 1] offsets as uint32 (int64 past 2^32 tokens); None if out of range."""
+        if not (self._first[shard] < self.stop and self._first[shard + 1] > self.start):
+            return None
+        offsets = np.load(self._paths[shard][1])
+        return offsets.astype(np.uint32) if offsets[-1] < 2**32 else offsets
+
+    def _truncated(self, shard: int, lo: int, hi: int):
+        return ValueError(f"{self._paths[shard][0]}: truncated while reading (tokens {lo}..{hi})")
+
+    def read(self, shard: int, lo: int, hi: int) -> np.ndarray:
+        """Tokens [lo, hi) of shard `shard` ([hi - lo] int32)."""
+        data = os.pread(self._fd(shard), 4 * (hi - lo), self._data_start[shard] + 4 * lo)
+        if len(data) != 4 * (hi - lo):
+            raise self._truncated(shard, lo, hi)
+        return np.frombuffer(data, np.int32)
+
+    def read_many(self, parts: list[int], los: list[int], his: list[int]) -> list[np.ndarray]:
+        """[read(p, lo, hi) for each], shard by shard in tight loops (the packer's hot path)."""
+        by_shard: dict[int, list[int]] = {}
+        for i, p in enumerate(parts):
+            by_shard.setdefault(p, []).append(i)
+        out, shards, pread = [None] * len(parts), list(by_shard), os.pread
+        for g in range(0, len(shards), self.MAX_OPEN):  # never more files open than MAX_OPEN
+            group = shards[g : g + self.MAX_OPEN]
+            for s in group:
+                fd, start = self._fd(s, keep=group), self._data_start[s]
+                for i in by_shard[s]:
+                    out[i] = pread(fd, 4 * (his[i] - los[i]), start + 4 * los[i])
+        for i, data in enumerate(out):
+            if len(data) != 4 * (his[i] - los[i]):
+                raise self._truncated(parts[i], los[i], his[i])
+        return [np.frombuffer(d, np.int32) for d in out]
+
+    def spans(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where documents `ids` [k] lie, for `read`: (shard [k], start [k], stop [k])."""
+        g = self.start + np.asarray(ids, np.int64)
+        if len(g) and not (self.start <= g.min() and g.max() < self.stop):
+            raise IndexError(f"documents outside [0, {len(self)}) of a corpus of {len(self)}")
+        shard = np.searchsorted(self._first, g, side="right") - 1
+        j = g - self._first[shard]
+        lo, hi = np.empty(len(g), np.int64), np.empty(len(g), np.int64)
+        for s in np.unique(shard):
+            at = shard == s
+            lo[at], hi[at] = self._offsets[s][j[at]], self._offsets[s][j[at] + 1]
+        return shard, lo, hi
+
     def doc(self, d: int) -> np.ndarray:
-        g = self.start + d
         if not 0 <= d < len(self):
             raise IndexError(f"document {d} of a corpus of {len(self)}")
-        s = int(np.searchsorted(self._first, g, side="right")) - 1
-        j = g - int(self._first[s])
-        lo, hi = self._offsets[s][j], self._offsets[s][j + 1]
-        return np.asarray(self._tokens[s][lo:hi])
+        (s,), (lo,), (hi,) = self.spans(np.asarray([d]))
+        return self.read(int(s), int(lo), int(hi))
+
+
+def _close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
 
 
 @functools.lru_cache(maxsize=16)

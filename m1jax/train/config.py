@@ -26,6 +26,7 @@ import ml_collections
 
 from m1jax import config as presets
 from m1jax.config import ModelConfig
+from m1jax.data.pipeline import parse_mixture
 from m1jax.mesh import batch_parallel
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -79,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_train_docs = 100_000
     c.data.num_eval_docs = 1_000
     c.data.text_field = "text"
+    # Prepared directories with weights, "dirA:0.7,dirB:0.3" (instead of data.source); each source
+    # keeps its own epochs and held-out documents. Deterministic in data.seed.
+    c.data.mixture = ""
+    c.data.prefetch = 2  # batches packed ahead in a background thread (0: on the step's thread)
     c.log.peak_tflops = 0.0  # per device, for MFU; 0: look up the device kind (None on CPU)
     c.eval.batches = 2  # held-out loss over this many batches
     c.eval.num_samples = 16  # greedy samples from held-out prompts at the end
@@ -190,6 +195,10 @@ def validate(c: ml_collections.ConfigDict, tokenizer_vocab: int | None = None) -
         need(int(c[f]) >= 1, f, "must be a positive integer")
     need(c.batch_size % c.micro_batches == 0, "batch_size", f"must be divisible by micro_batches={c.micro_batches}")
     need(c.optim.warmup_steps <= c.steps, "optim.warmup_steps", f"must lie in [0, steps={c.steps}]")
+    need(int(c.data.prefetch) >= 0, "data.prefetch", "must be >= 0 (batches packed ahead)")
+    if c.data.mixture:
+        parse_mixture(c.data.mixture)  # names the bad entry
+        need(c.data.source == "tasks", "data.mixture", f"replaces data.source ({c.data.source!r}): set one of them")
     cfg = model_config(c.model)
     need(
         c.seq_len % cfg.block_size == 0,

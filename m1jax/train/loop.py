@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 
 from m1jax import config as presets
 from m1jax import sharding as shd
-from m1jax.data.pipeline import Packer, load_corpus
+from m1jax.data import loader
+from m1jax.data.pipeline import Packer, load_sources, mixed_packer, parse_mixture, source_names
 from m1jax.data.tokenizer import load_tokenizer
 from m1jax.errors import RunError
 from m1jax.evals import heldout
@@ -47,37 +48,54 @@ def _shard_packer(corpus, c, **kwargs) -> Packer:
     return Packer(corpus, c.seq_len, c.batch_size // n, shard=jax.process_index(), num_shards=n, **kwargs)
 
 
-def gather_data_state(packer: Packer) -> dict:
-    """{"shards": [packer state of process 0, 1, ...]}, the same on every process: only the
-    primary process writes the checkpoint's JSON, so it must hold every process's position.
-    A collective: every process calls it at the same step (as it does `Checkpointer.save`)."""
-    local = packer.state
-    pos = np.asarray([local["epoch"], local["index"], local["offset"]], np.int32)  # small counts: int32 is ample
-    every = np.asarray(multihost_utils.process_allgather(pos)).reshape(packer.num_shards, 3)
-    shards = [dict(local, shard=i, epoch=int(e), index=int(d), offset=int(o)) for i, (e, d, o) in enumerate(every)]
-    return {"shards": shards}
+def _train_packer(sources, c) -> Packer:
+    """This process's training packer: of its one source, or of the `data.mixture` sources."""
+    if not c.data.get("mixture"):
+        return _shard_packer(sources[0], c, seed=c.data.seed)
+    n, weights = jax.process_count(), [w for _, w in parse_mixture(c.data.mixture)]
+    return mixed_packer(sources, weights, c.seq_len, c.batch_size // n, seed=c.data.seed,
+                        shard=jax.process_index(), num_shards=n)  # fmt: skip
 
 
 def _load_corpora(c, tokenizer, workdir: str):
-    """(train, eval) corpora. Process 0 tokenises and caches them first, the others then read its
-    cache: concurrent writers of the same cache file (and of the datasets cache under it) race.
-    Without a shared filesystem the others just build their own (one barrier later)."""
+    """(train, eval) corpora, lists of one per source. Process 0 tokenises and caches them first,
+    the others then read its cache: concurrent writers of the same cache file (and of the datasets
+    cache under it) race. Without a shared filesystem the others just build their own (one barrier
+    later)."""
     first = jax.process_index() == 0
     if not first:
         multihost_utils.sync_global_devices("m1jax: corpus cached")
-    corpora = load_corpus(c.data, tokenizer, workdir, "train"), load_corpus(c.data, tokenizer, workdir, "eval")
+    corpora = load_sources(c.data, tokenizer, workdir, "train"), load_sources(c.data, tokenizer, workdir, "eval")
     if first and jax.process_count() > 1:
         multihost_utils.sync_global_devices("m1jax: corpus cached")
     return corpora
 
 
-def _eval_loss(trainer: Trainer, params, corpus, c) -> float:
-    packer = _shard_packer(corpus, c, shuffle=False)  # the same rows every time
-    total, count = 0.0, 0.0
-    for _ in range(c.eval.batches):
-        s, n = jax.device_get(trainer.eval(params, trainer.put_batch(packer.next_batch())))
-        total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+def _eval_loss(trainer: Trainer, params, corpora, names, c) -> dict[str, float]:
+    """Held-out loss: "eval_loss" over every source's first `eval.batches` batches (in corpus order,
+    the same rows every time), and per source of a mixture "eval_loss/<name>"."""
+    out, total, count = {}, 0.0, 0.0
+    for name, corpus in zip(names, corpora, strict=True):
+        packer = _shard_packer(corpus, c, shuffle=False)
+        s_sum, n_sum = 0.0, 0.0
+        for _ in range(c.eval.batches):
+            s, n = jax.device_get(trainer.eval(params, trainer.put_batch(packer.next_batch())))
+            s_sum, n_sum = s_sum + float(s), n_sum + float(n)
+        if len(corpora) > 1:
+            out[f"eval_loss/{name}"] = s_sum / max(n_sum, 1.0)
+        total, count = total + s_sum, count + n_sum
+    return {"eval_loss": total / max(count, 1.0), **out}
+
+
+def _data_metrics(packer: Packer, state: dict, names, source_tokens) -> dict[str, float]:
+    """Epochs each source has given (this process's shard, at the consumed position) and, for a
+    mixture, each source's share of the tokens trained on since the last log."""
+    epochs = packer.epochs_at(state)
+    if len(names) == 1:
+        return {"data/epochs": epochs[0]}
+    share = source_tokens / max(int(source_tokens.sum()), 1)
+    out = {f"data/{n}/epochs": e for n, e in zip(names, epochs, strict=True)}
+    return out | {f"data/{n}/share": float(f) for n, f in zip(names, share, strict=True)}
 
 
 def samples(cfg, params, tokenizer, c) -> tuple[list[dict], float | None]:
@@ -146,22 +164,27 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
         check_same_model(workdir, cfg)
     mesh = shd.mesh_from_config(dict(c.mesh))
     check_batch_layout(c, dict(mesh.shape), jax.process_count())
-    train_corpus, eval_corpus = _load_corpora(c, tokenizer, workdir)
-    packer = _shard_packer(train_corpus, c, seed=c.data.seed)
+    train_sources, eval_sources = _load_corpora(c, tokenizer, workdir)
+    names = source_names(c.data)
+    packer = _train_packer(train_sources, c)
+    batches = loader.make_iterator(packer, c.data.prefetch)
     lr_fn, tx = make_optimizer(c)
     trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches, loss_chunk=c.loss_chunk)
     fresh = lambda: trainer.init(jax.random.PRNGKey(c.seed))
     state, start, data = run.begin(trainer.abstract_state, fresh, final_keys=("sample_accuracy",))
     if data is not None:
-        packer.restore(data)  # this process's entry; a different process count is an error
+        batches.set_state(data)  # this process's entry; a different process count is an error
 
     fpt = flops_lib.train_flops_per_token(cfg, c.seq_len)
     peak = flops_lib.peak_flops_per_device(override_tflops=c.log.peak_tflops)
     tokens_per_step = c.batch_size * c.seq_len
     clock = {"t": time.perf_counter(), "steps": 0, "pending": None, "last_loss": None}
+    source_tokens = np.zeros(len(names), np.int64)  # since the last log
 
     def body(state, step):
-        state, metrics = trainer.step(state, trainer.put_batch(packer.next_batch()))
+        batch, from_sources = next(batches)
+        source_tokens[:] += from_sources
+        state, metrics = trainer.step(state, trainer.put_batch(batch))
         step += 1
         clock["steps"] += 1
         # Read the previous step's metrics while this one runs (keeps the device busy).
@@ -180,21 +203,27 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
                 mfu=flops_lib.mfu(tps, fpt, mesh.size, peak),
                 expert_load_max=float(load.max() * cfg.num_local_experts),
                 expert_load=load,
+                **_data_metrics(packer, batches.get_state(), names, source_tokens),
             )
+            source_tokens[:] = 0
             run.writer.write(step, row)
             clock["last_loss"] = float(m["loss"])
             if run.bar is not None:
                 run.bar.set_postfix(loss=f"{clock['last_loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             clock["t"], clock["steps"] = time.perf_counter(), 0
         if step % c.eval.every == 0 or step == c.steps:
-            run.writer.write(step, {"eval_loss": _eval_loss(trainer, state["params"], eval_corpus, c)})
+            run.writer.write(step, _eval_loss(trainer, state["params"], eval_sources, names, c))
         return state
 
     def after():
         if clock["pending"] is not None:
             check_finite(*clock["pending"], c.max_bad_steps)
 
-    state, step = run.loop(state, start, body, lambda _: gather_data_state(packer), stop_at=stop_at, after=after)
+    data_state = lambda _: loader.gather_state(packer, batches.get_state())
+    try:
+        state, step = run.loop(state, start, body, data_state, stop_at=stop_at, after=after)
+    finally:
+        batches.close()  # stops the prefetch thread
     last_loss = clock["last_loss"]
     if last_loss is None:  # nothing trained now (the final stage of a finished run is repeated)
         last_loss = last_value(workdir, "loss")
