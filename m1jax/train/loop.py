@@ -23,7 +23,6 @@ from jax.experimental import multihost_utils
 
 from m1jax import config as presets
 from m1jax import sharding as shd
-from m1jax.data import loader
 from m1jax.data.pipeline import Packer, load_sources, mixed_packer, parse_mixture, source_names
 from m1jax.data.tokenizer import load_tokenizer
 from m1jax.errors import RunError
@@ -167,6 +166,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, 
     train_sources, eval_sources = _load_corpora(c, tokenizer, workdir)
     names = source_names(c.data)
     packer = _train_packer(train_sources, c)
+    from m1jax.data import loader  # Grain: imported by a run that trains (~1.5 s), not by every CLI call
+
     batches = loader.make_iterator(packer, c.data.prefetch)
     lr_fn, tx = make_optimizer(c)
     trainer = Trainer(cfg, tx, lr_fn, mesh, c.micro_batches, loss_chunk=c.loss_chunk)
