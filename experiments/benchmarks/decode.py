@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks.forward import env, timed, torch_twin, write_report
+from experiments.benchmarks.lightning import timed as median_seconds
 from m1jax import config, host
 from m1jax.config import layer_plan
 from m1jax.generate import generate
@@ -40,22 +40,11 @@ from m1jax.model import init_params
 from rl.sampler import SamplingParams, sample
 
 
-def _median_seconds(fn, reps: int = 5) -> float:
-    """Median wall time of `fn()` (which blocks until its result is ready) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def read_bandwidth() -> float:
     """Bytes/s of reading a 1 GiB fp32 array once (median of 5 sums)."""
     x = jnp.ones((1 << 28,), jnp.float32)
     f = jax.jit(jnp.sum)
-    return x.nbytes / _median_seconds(lambda: f(x).block_until_ready())
+    return x.nbytes / median_seconds(lambda: f(x).block_until_ready(), 5)
 
 
 def matmul_bandwidth(rows: int, hidden: int) -> float:
@@ -63,7 +52,7 @@ def matmul_bandwidth(rows: int, hidden: int) -> float:
     w = jnp.ones((hidden, (1 << 26) // hidden), jnp.float32)
     x = jnp.ones((rows, hidden), jnp.float32)
     f = jax.jit(jnp.matmul, compiler_options=host.cpu_compiler_options())
-    return w.nbytes / _median_seconds(lambda: f(x, w).block_until_ready())
+    return w.nbytes / median_seconds(lambda: f(x, w).block_until_ready(), 5)
 
 
 def step_bytes(cfg, params, batch: int, context: int) -> dict:
