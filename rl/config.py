@@ -17,7 +17,7 @@ from m1jax.train.config import SHARED_RENAMED, check_shared, checker, field, mod
 from rl import advantages, losses, mismatch, rewards
 
 OLD_LOGP = ("trainer", "sampler")
-SOURCES = ("tasks", "toy_copy", "toy_reverse")
+SOURCES = ("tasks", "toy_copy", "toy_reverse", "file")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Optimizer (M1: AdamW 0.9 / 0.95, eps 1e-15), a constant learning rate after warmup.
     c.optim.update(learning_rate=1e-5, schedule="constant", warmup_steps=0, eps=1e-15, weight_decay=0.0)
     c.data.toy_length = 4  # digits of the toy_copy / toy_reverse prompts
+    # source "file": prompts and their refs from a .jsonl / .parquet file (rl.prompt_files); its last
+    # eval.prompts rows (at most half) are held out for evaluation
+    c.data.prompts = ""
+    c.data.prompt_field = "prompt"
     c.log.every = 1
     c.eval.update(every=25, prompts=64)
     c.eval.samples = 4  # sampled responses per held-out prompt for eval_sampled_accuracy (0: greedy only)
@@ -89,6 +93,15 @@ def base_config() -> ml_collections.ConfigDict:
         {"mode": "none", "level": "token", "upper": 2.0, "lower": 0.5, "router_replay": False}
     )
     r.overlong = ml_collections.ConfigDict({"enabled": False, "max_length": 0, "buffer": 0})
+    # Multi-turn episodes (rl.episodes, rl.envs): name "" = one response per prompt; "tools" = tool
+    # use (rl.tools format; needs a tokenizer with the tool-call tokens, e.g. "byte+tools"). The
+    # episode's token budget is rl.sampling.max_new_tokens (model and tool tokens together);
+    # turn_tokens caps one model turn (0 = the episode budget); tools run on `workers` threads, each
+    # call within timeout_s, its output cut to max_output characters.
+    r.env = ml_collections.ConfigDict(
+        {"name": "", "tools": "calculator", "max_turns": 4, "turn_tokens": 0, "workers": 4, "timeout_s": 5.0,
+         "max_output": 256}
+    )  # fmt: skip
     return c
 
 
@@ -242,6 +255,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "rl.old_logp='sampler', or keep 'trainer' with a behaviour correction (rl.mismatch.mode 'tis' or 'mis')",
         )
         need(not m.router_replay, "rl.sampling.partial", "records no routes yet: turn off rl.mismatch.router_replay")
+    e = r.env
+    if e.name:
+        from rl import envs, tools  # (tools registers the built-in tools)
+
+        need(e.name in envs.available(), "rl.env.name", f"must be '' or one of {envs.available()}")
+        try:
+            tools.parse_names(e.tools)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        for f, lo in (("max_turns", 1), ("turn_tokens", 0), ("workers", 1), ("max_output", 16)):
+            need(int(e[f]) == e[f] >= lo, f"rl.env.{f}", f"must be an integer >= {lo}")
+        need(e.timeout_s > 0, "rl.env.timeout_s", "must be positive")
+        need(not s.partial, "rl.env.name", "multi-turn episodes do not run with rl.sampling.partial yet")
+        need(not m.router_replay, "rl.env.name", "multi-turn episodes record no routes: turn off router_replay")
     for a, n in r.rollout_mesh.items():
         need(a in c.mesh, f"rl.rollout_mesh.{a}", f"is not a mesh axis (axes: {', '.join(c.mesh)})")
         need(int(n) == n >= 0, f"rl.rollout_mesh.{a}", "must be an integer >= 0 (all 0 = share the learner's mesh)")
@@ -254,4 +281,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.data.source in SOURCES, "data.source", f"must be one of {SOURCES}")
     unknown = sorted(set(reward_weights(r.reward)) - set(rewards.available()))
     need(not unknown, "rl.reward", f"unknown reward(s) {unknown}; available: {', '.join(rewards.available())}")
+    if c.data.source == "file":  # every row is checked now (file, row, field), not at the step that draws it
+        from rl import prompt_files
+
+        need(bool(c.data.prompts), "data.prompts", "must name a .jsonl or .parquet file with data.source='file'")
+        prompt_files.load(c.data.prompts, c.data.prompt_field, tuple(reward_weights(r.reward)))
     model_config(c.model)  # unknown model fields / presets fail here (with init_from, too: a typo is no less one)

@@ -9,9 +9,10 @@ import dataclasses
 import jax
 import numpy as np
 
+from rl import episodes
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
-from rl.config import max_new_tokens_at
+from rl.config import max_new_tokens_at, reward_weights
 from rl.sampler import SamplingParams, sample
 
 
@@ -28,6 +29,9 @@ def decode_responses(tokenizer, rollout, stop_id) -> list[str]:
 
 def exact(c, texts, refs) -> np.ndarray:
     """1.0 where the answer is exactly right (the task family's check, or all positions for the toy)."""
+    if c.data.source == "file":  # the configured reward's full marks (math-verify, the tests, ...)
+        names = [n for n in reward_weights(c.rl.reward) if n in ("task", "math", "code", "positions")]
+        return reward_lib.get(names[0] if names else "task")(texts, refs) >= 1.0
     return reward_lib.get("positions" if c.data.source != "tasks" else "task")(texts, refs) >= 1.0
 
 
@@ -57,21 +61,27 @@ def evaluate(
     see the same prompts; `per_prompt`, if given, receives the per-prompt values. `max_new_tokens`:
     the generation budget (default: step 0's of `rl.sampling.max_new_tokens_schedule`)."""
     split = "test" if c.data.source == "tasks" else "eval"
-    pairs = prompt_lib.batch(
-        c.data.source, c.data.seed, -1, c.eval.prompts, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split
-    )
+    pairs = prompt_lib.for_config(c, -1, c.eval.prompts, split=split)
     s = c.rl.sampling
     n = max_new_tokens or max_new_tokens_at(c, 0)
     sp = SamplingParams(n, greedy=True, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-    r = sample(cfg, params, [tokenizer.encode(p, bos=True) for p, _ in pairs], sp, jax.random.PRNGKey(0))
-    texts = decode_responses(tokenizer, r, tokenizer.eos_id)
+
+    def responses(texts, refs, sp, key):  # one response per prompt text, or one episode (rl.env)
+        if c.rl.env.name:
+            return episodes.play(c, cfg, params, tokenizer, texts, refs, sp, key)
+        prompts = [tokenizer.encode(p, bos=True) for p in texts]
+        return sample(cfg, params, prompts, sp, key, pad_multiple=c.rl.sampling.pad_multiple)
+
     refs = [ref for _, ref in pairs]
+    r = responses([p for p, _ in pairs], refs, sp, jax.random.PRNGKey(0))
+    texts = decode_responses(tokenizer, r, tokenizer.eos_id)
     vals = {"eval_reward": np.asarray(reward_fn(texts, refs)), "eval_accuracy": exact(c, texts, refs).astype(float)}
+    if r.episode is not None:  # (greedy episodes' tool use, per prompt)
+        vals |= {f"eval_{k}": np.asarray(r.episode[k], float) for k in ("turns", "tool_calls", "tool_errors")}
     if c.eval.samples > 0:  # the sampling policy RL optimises: accuracy averaged over k samples per prompt
         sp = dataclasses.replace(sp, greedy=False, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-        prompts = [tokenizer.encode(p, bos=True) for p, _ in pairs for _ in range(c.eval.samples)]
-        r = sample(cfg, params, prompts, sp, jax.random.PRNGKey(1))
         k_refs = [ref for ref in refs for _ in range(c.eval.samples)]
+        r = responses([p for p, _ in pairs for _ in range(c.eval.samples)], k_refs, sp, jax.random.PRNGKey(1))
         hits = exact(c, decode_responses(tokenizer, r, tokenizer.eos_id), k_refs).astype(float)
         vals["eval_sampled_accuracy"] = hits.reshape(len(pairs), c.eval.samples).mean(axis=1)
     if per_prompt is not None:

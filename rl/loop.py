@@ -38,7 +38,7 @@ from m1jax.train import optim
 from m1jax.train.checkpoint import Checkpointer
 from m1jax.train.config import load_stored, model_config
 from m1jax.train.run import Run
-from rl import partial, rollouts
+from rl import episodes, partial, rollouts
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
 from rl.config import loss_kwargs, max_new_tokens_at, reward_weights, rollout_axes, validate
@@ -100,6 +100,8 @@ def setup(c: ml_collections.ConfigDict, mesh) -> Setup:
     else:
         cfg, init_params = model_config(c.model), None
     cfg = dataclasses.replace(cfg, lm_head_fp32=True)  # M1: fp32 LM head for RL log-probs
+    if c.rl.env.name:  # tool episodes need the call tokens (a pretraining run's tokenizer, with init_from)
+        episodes.tool_ids(tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's ({tokenizer.vocab_size})")
     s = c.rl.sampling
@@ -510,6 +512,8 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
         row.update(mm_metrics)  # logp_gap (before) beside logp_gap_corrected (what the update still sees)
     if r.overlong.enabled:
         row["overlong_penalty"] = float(batch["penalty"].mean())  # included in `reward`
+    if "context" in batch:  # multi-turn episodes
+        row.update(episodes.metrics({k[8:]: v for k, v in batch.items() if k.startswith("episode_")}))
     row["empty_updates"] = r.updates_per_rollout - int(np.sum(w > 0))
     row["ratio_max"] = float(max(m["ratio_max"] for m in ms))
     row["ratio_min"] = float(min(m["ratio_min"] for m in ms))

@@ -62,3 +62,16 @@ def batch(source: str, seed: int, step: int, n: int, *, tasks=task_lib.TASKS, to
     for ex in itertools.islice(stream, n):
         out.append((ex.prompt, {"answer": ex.answer, "task": ex.task, "difficulty": ex.difficulty}))
     return out
+
+
+def for_config(c, step: int, n: int, split: str = "train"):
+    """`n` (prompt text, ref) pairs of `step` (-1: evaluation) from the config's source."""
+    if c.data.source == "file":
+        from rl import prompt_files
+        from rl.config import reward_weights
+
+        rewards = tuple(reward_weights(c.rl.reward))
+        return prompt_files.batch(
+            c.data.prompts, c.data.prompt_field, rewards, c.data.seed, step, n, held_out=c.eval.prompts
+        )
+    return batch(c.data.source, c.data.seed, step, n, tasks=c.data.tasks, toy_length=c.data.toy_length, split=split)

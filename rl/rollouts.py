@@ -4,7 +4,8 @@ A batch is a flat dict of host NumPy arrays, so it crosses threads (`rl.worker`)
 checkpoint (`save` / `load`) as it is:
   rows [R, ...] (R = P x G, group-major): prompt [R, T], prompt_lengths, tokens [R, N],
     response_mask [R, N], logprobs [R, N] (the behaviour policy's, fp32), lengths, finish,
-    routes [R, T + N, L, k] (with router replay: the sampler's experts),
+    routes [R, T + N, L, k] (with router replay: the sampler's experts), context [R, N] and
+    episode_<counter> [R] (multi-turn episodes, `rl.episodes`),
     passed (exact match), penalty (soft overlong, 0 when off), advantages, weight (the sample's
     loss weight: zero-variance groups dropped, truncated responses masked if configured);
   groups [P, G]: rewards (task + penalty), task;  zero_variance [P], invalid [P, G];
@@ -27,7 +28,7 @@ import numpy as np
 
 from m1jax.config import ModelConfig
 from rl import advantages as adv_lib
-from rl import partial
+from rl import episodes, partial
 from rl import prompts as prompt_lib
 from rl import rewards as reward_lib
 from rl.config import max_new_tokens_at, overlong_limits
@@ -35,7 +36,7 @@ from rl.evaluate import decode_responses, exact
 from rl.sampler import FINISH_LENGTH, Rollout, SamplingParams, sample
 
 # With response_mask: what the log-prob forwards need (routes only with router replay).
-ROLLOUT_KEYS = ("prompt", "prompt_lengths", "tokens", "routes")
+ROLLOUT_KEYS = ("prompt", "prompt_lengths", "tokens", "routes", "context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +53,7 @@ class Producer:
     stream: partial.Stream | None = None  # with rl.sampling.partial: the responses carried between steps
 
     def _pairs(self, step: int):
-        c, r = self.c, self.c.rl
-        return prompt_lib.batch(
-            c.data.source, c.data.seed, step, r.prompts_per_step, tasks=c.data.tasks, toy_length=c.data.toy_length
-        )
+        return prompt_lib.for_config(self.c, step, self.c.rl.prompts_per_step)
 
     def generate(self, params, step: int, version: int | None = None):
         """(rollout on the device, finished; the references of its rows; its token budget)."""
@@ -71,6 +69,13 @@ class Producer:
         # Equal params reuse the compiled sampler; router replay needs the experts it chose.
         sp = dataclasses.replace(self.sp, max_new_tokens=budget, record_routes=bool(r.mismatch.router_replay))
         pad = self.c.rl.sampling.pad_multiple
+        if r.env.name:  # multi-turn episodes: the budget is the episode's
+            texts = [p for p, _ in pairs for _ in range(g)]
+            return (
+                episodes.play(c, self.cfg, params, self.tokenizer, texts, refs, sp, key, sampler=self.sampler),
+                refs,
+                budget,
+            )
         rollout = self.sampler(self.cfg, params, prompts, sp, key, pad_multiple=pad)
         rollout = jax.block_until_ready(rollout)  # dispatch is asynchronous
         return rollout, refs, budget
@@ -107,6 +112,8 @@ class Producer:
         if r.overlong.enabled:  # reward functions see texts only: the length penalty is added here
             penalty = reward_lib.soft_overlong_penalty(host.lengths, *overlong_limits(self.c, budget))
         rewards = task + penalty.reshape(-1, g) if r.overlong.enabled else task
+        if host.episode is not None:  # per-turn rewards (NaN where the environment failed: invalid)
+            rewards = rewards + np.asarray(host.episode["turn_reward"]).reshape(-1, g)
         # Groups without signal are judged on the task reward (DAPO filters on accuracy, not on length).
         adv = adv_lib.compute(rewards, r.advantage, r.zero_variance, signal=task)
         weight = adv.weight.reshape(-1)
@@ -129,6 +136,9 @@ class Producer:
             batch["routes"] = np.asarray(host.routes)  # [R, T + N, L, k], replayed by the trainer
         if host.versions is not None:
             batch["versions"] = np.asarray(host.versions)
+        if host.context is not None:  # multi-turn: tool tokens are in the context, not in the loss
+            batch["context"] = np.asarray(host.context)
+            batch.update({f"episode_{k}": np.asarray(v) for k, v in host.episode.items()})
         if self.stream is not None:  # the responses carried past this batch (restored with a checkpoint)
             batch.update(self.stream.snapshot())
         scalars = {"step": step, "version": version, "budget": budget, "gen_time_s": gen_time_s}

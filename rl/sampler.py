@@ -70,6 +70,8 @@ class Rollout(NamedTuple):
     finish: jax.Array  # [B] FINISH_STOP | FINISH_LENGTH | FINISH_CONFIDENT
     routes: np.ndarray | None = None  # [B, T + N, L, k] experts of every prompt and response token (record_routes)
     versions: np.ndarray | None = None  # [B, N] the policy version that sampled each token (partial rollouts)
+    context: np.ndarray | None = None  # [B, N] 1 on every episode token, tool output included (rl.episodes)
+    episode: dict | None = None  # per-episode counters [B] (rl.episodes.COUNTERS) and "turn_reward" [B]
 
 
 def sample(
@@ -83,7 +85,7 @@ def sample(
     The padded prompt length is rounded up to a multiple of `pad_multiple`, so batches of
     different prompt lengths share compiled programs.
     """
-    tokens, lengths = _padded(cfg, prompts, sp, pad_multiple)
+    tokens, lengths = pad_prompts(cfg, prompts, sp, pad_multiple)
     rows = [tokens[i, tokens.shape[1] - lengths[i] :] for i in range(len(lengths))]
     slots = sp.slots if sp.slots is not None else len(rows)
     toks, logp, length, finish, routes = engine.run(
@@ -98,11 +100,11 @@ def sample_fixed(cfg: ModelConfig, params, prompts, sp: SamplingParams, rng, *, 
     for the whole batch, so a row's tokens depend on its batch-mates). The engine's baseline."""
     if sp.record_routes:
         raise ValueError("sample_fixed does not record routes (record_routes=True): use sample")
-    tokens, lengths = _padded(cfg, prompts, sp, pad_multiple)
+    tokens, lengths = pad_prompts(cfg, prompts, sp, pad_multiple)
     return _sample(cfg, sp, params, jnp.asarray(tokens), jnp.asarray(lengths), rng)
 
 
-def _padded(cfg, prompts, sp: SamplingParams, pad_multiple: int):
+def pad_prompts(cfg, prompts, sp: SamplingParams, pad_multiple: int):
     tokens, lengths = left_pad(prompts, sp.pad_id)
     extra = -tokens.shape[1] % pad_multiple
     tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=sp.pad_id)
@@ -162,12 +164,22 @@ def _sample(cfg: ModelConfig, sp: SamplingParams, params, prompt, prompt_lengths
 
 
 def sequence_logprobs(
-    cfg: ModelConfig, params, prompt, prompt_lengths, response, mask, temperature: float = 1.0, routes=None
+    cfg: ModelConfig,
+    params,
+    prompt,
+    prompt_lengths,
+    response,
+    mask,
+    temperature: float = 1.0,
+    routes=None,
+    context=None,
 ):
     """The trainer's log pi(response) [B, N] fp32 (0 outside `mask`), teacher-forced in one pass.
 
     The sequence is [left-padded prompt | response]; padding on either side is segment 0, so positions,
-    the lightning state and attention match the sampler's cache exactly. Jittable. `routes`
+    the lightning state and attention match the sampler's cache exactly. `context` [B, N]: the
+    response tokens in the sequence when they are more than `mask` (a multi-turn episode's tool
+    output: attended to, no loss); default `mask`. Jittable. `routes`
     [B, T + N, L, k]: replay these experts (`Rollout.routes`); aux then holds
     "router_flip_fraction", the fraction of (valid token, layer) pairs whose own top-k differs.
     """
@@ -175,7 +187,8 @@ def sequence_logprobs(
     n = response.shape[1]
     seq = jnp.concatenate([prompt, response.astype(prompt.dtype)], axis=1)
     real_prompt = jnp.arange(t)[None, :] >= (t - prompt_lengths)[:, None]
-    segment_ids = jnp.concatenate([real_prompt, mask > 0], axis=1).astype(jnp.int32)
+    present = mask if context is None else context
+    segment_ids = jnp.concatenate([real_prompt, present > 0], axis=1).astype(jnp.int32)
     logits, aux = M1Model(cfg).apply({"params": params}, seq, segment_ids, routes=routes)
     if routes is not None:
         pairs = jnp.sum(segment_ids > 0) * cfg.num_hidden_layers

@@ -3,7 +3,8 @@
 A minibatch is a dict of row-aligned arrays (rows sharded over the data-parallel mesh axes):
   prompt [B, T] (left-padded), prompt_lengths [B], tokens [B, N], mask [B, N] (response tokens
   that enter the loss: the response mask times the sample's weight), old_logp [B, N],
-  advantages [B], optionally is_weight [B, N] (the behaviour weights of `rl.mismatch`, which scale
+  advantages [B], optionally context [B, N] (a multi-turn episode's tokens, tool output included:
+  attended to, not trained on), is_weight [B, N] (the behaviour weights of `rl.mismatch`, which scale
   each token's advantage), routes [B, T + N, L, k] (the sampler's experts, replayed), and
   ref_logp [B, N] where kl_coef > 0 (without it the update reports no "kl":
   with kl_coef = 0 the term adds nothing, so the reference forward is not needed for the update).
@@ -63,8 +64,9 @@ def update_step(cfg: ModelConfig, tx, loss_name: str, loss_kw: dict, temperature
 
     def loss(params, b):
         logp, logits, a = sequence_logprobs(
-            cfg, params, b["prompt"], b["prompt_lengths"], b["tokens"], b["mask"], temperature, b.get("routes")
-        )
+            cfg, params, b["prompt"], b["prompt_lengths"], b["tokens"], b["mask"], temperature, b.get("routes"),
+            b.get("context"),
+        )  # fmt: skip
         value, m = loss_fn(
             logp,
             b["old_logp"],
@@ -108,8 +110,9 @@ def rollout_logprobs(cfg: ModelConfig, temperature, params, rollout: dict):
     rollout["routes"] the sampler's experts are replayed (router replay)."""
     r = rollout
     return sequence_logprobs(
-        cfg, params, r["prompt"], r["prompt_lengths"], r["tokens"], r["mask"], temperature, r.get("routes")
-    )[0]
+        cfg, params, r["prompt"], r["prompt_lengths"], r["tokens"], r["mask"], temperature, r.get("routes"),
+        r.get("context"),
+    )[0]  # fmt: skip
 
 
 class RLTrainer(Engine):

@@ -1,7 +1,14 @@
 """Tokenizers with one small interface: a dependency-free byte tokenizer and a `tokenizers` JSON wrapper.
 
-Both expose `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `encode(text, bos=, eos=)`, `decode(ids, skip_special=)`
-and `token_to_id(s)`. Special strings written literally in the text (e.g. "<think>") encode to their single id.
+Both expose `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `encode(text, bos=, eos=, special=)`,
+`decode(ids, skip_special=)` and `token_to_id(s)`. Special strings written literally in the text (e.g.
+"<think>") encode to their single id, unless `special=False` (text from outside the model, such as a
+tool's output, must not smuggle control tokens in).
+
+Tool use (`rl.tools`) needs four more specials, TOOL_SPECIALS. `load_tokenizer("byte+tools")` is the
+byte tokenizer with them appended after the bytes (ids 261..264, vocab 265), so every other id keeps
+its meaning and the plain "byte" tokenizer, its checkpoints and prepared corpora are unchanged. An
+HF tokenizer has them when its vocabulary holds the four strings.
 """
 
 from __future__ import annotations
@@ -11,8 +18,13 @@ import re
 from collections.abc import Iterable
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<think>", "</think>")
+TOOL_SPECIALS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 _BYTE_OFFSET = len(SPECIALS)
-_SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+
+
+def _special_re(names) -> re.Pattern:
+    return re.compile("(" + "|".join(re.escape(s) for s in sorted(names, key=len, reverse=True)) + ")")
+
 
 # Common spellings of special tokens in published tokenizers, most specific first.
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
@@ -21,13 +33,18 @@ _EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eos|>")
 
 
 class ByteTokenizer:
-    """UTF-8 bytes plus five special tokens: ids 0..4 are SPECIALS, byte b is id 5 + b."""
+    """UTF-8 bytes plus five special tokens: ids 0..4 are SPECIALS, byte b is id 5 + b; with
+    `tools=True` also TOOL_SPECIALS at ids 261..264."""
 
-    specials = SPECIALS
-    vocab_size = _BYTE_OFFSET + 256
-
-    def __init__(self) -> None:
+    def __init__(self, tools: bool = False) -> None:
+        self.tools = tools
+        self.specials = SPECIALS + (TOOL_SPECIALS if tools else ())
         self._special_ids = {s: i for i, s in enumerate(SPECIALS)}
+        if tools:
+            self._special_ids |= {s: _BYTE_OFFSET + 256 + i for i, s in enumerate(TOOL_SPECIALS)}
+        self._names = {i: s for s, i in self._special_ids.items()}
+        self._re = _special_re(self._special_ids)
+        self.vocab_size = _BYTE_OFFSET + 256 + (len(TOOL_SPECIALS) if tools else 0)
         self.pad_id = self._special_ids["<pad>"]
         self.bos_id = self._special_ids["<bos>"]
         self.eos_id = self._special_ids["<eos>"]
@@ -35,11 +52,11 @@ class ByteTokenizer:
         self.end_think_id = self._special_ids["</think>"]
 
     def __repr__(self) -> str:  # stable: callers key caches on it
-        return "ByteTokenizer()"
+        return "ByteTokenizer(tools=True)" if self.tools else "ByteTokenizer()"
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
         ids = [self.bos_id] if bos else []
-        for piece in _SPECIAL_RE.split(text):  # odd pieces are the captured special strings
+        for piece in self._re.split(text) if special else [text]:  # odd pieces are the special strings
             if piece in self._special_ids:
                 ids.append(self._special_ids[piece])
             else:
@@ -53,7 +70,7 @@ class ByteTokenizer:
         out: list[str] = []
         buf = bytearray()
         for i in (int(i) for i in ids):
-            if _BYTE_OFFSET <= i < self.vocab_size:
+            if _BYTE_OFFSET <= i < _BYTE_OFFSET + 256:
                 buf.append(i - _BYTE_OFFSET)
                 continue
             # Flush bytes before a special so a split multi-byte char is replaced, not glued across it.
@@ -61,9 +78,9 @@ class ByteTokenizer:
             buf.clear()
             if i == self.pad_id:
                 continue
-            if 0 <= i < _BYTE_OFFSET:
+            if i in self._names:
                 if not skip_special:
-                    out.append(SPECIALS[i])
+                    out.append(self._names[i])
             else:  # e.g. a sampled id from a model vocab padded past 261
                 out.append("\ufffd")
         out.append(buf.decode("utf-8", errors="replace"))
@@ -102,6 +119,7 @@ class HFTokenizer:
         # GPT-2 style vocabularies have a single <|endoftext|> that serves as every special.
         self.bos_id = self.eos_id if bos_id is None else bos_id
         self.pad_id = self.eos_id if pad_id is None else pad_id
+        self._added = sorted((t.content for t in self._tok.get_added_tokens_decoder().values()), key=len)
 
     def __repr__(self) -> str:  # stable: callers key caches on it
         return f"HFTokenizer({self.path!r}, pad_id={self.pad_id}, bos_id={self.bos_id}, eos_id={self.eos_id})"
@@ -122,7 +140,10 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
+        if not special:  # added tokens always match whole: a zero-width space inside breaks each one up
+            for s in self._added:
+                text = text.replace(s, s[0] + "\u200b" + s[1:])
         # add_special_tokens=False: bos/eos are ours to place, not the file's post-processor template.
         ids = list(self._tok.encode(text, add_special_tokens=False).ids)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
@@ -136,9 +157,12 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike | None) -> ByteTokenizer | HFTokenizer:
-    """None or "byte" -> ByteTokenizer; a tokenizer .json file (or a folder holding tokenizer.json) -> HFTokenizer."""
+    """None or "byte" -> ByteTokenizer; "byte+tools" -> ByteTokenizer(tools=True); a tokenizer .json file
+    (or a folder holding tokenizer.json) -> HFTokenizer."""
     if spec is None or spec == "byte":
         return ByteTokenizer()
+    if spec == "byte+tools":
+        return ByteTokenizer(tools=True)
     path = os.fspath(spec)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
         return HFTokenizer(os.path.join(path, "tokenizer.json"))
@@ -146,4 +170,6 @@ def load_tokenizer(spec: str | os.PathLike | None) -> ByteTokenizer | HFTokenize
         if not os.path.isfile(path):
             raise ValueError(f"tokenizer file not found: {path}")
         return HFTokenizer(path)
-    raise ValueError(f"unknown tokenizer spec {path!r}: use None, 'byte', or a path to a tokenizers .json file")
+    raise ValueError(
+        f"unknown tokenizer spec {path!r}: use None, 'byte', 'byte+tools', or a path to a tokenizers .json file"
+    )
