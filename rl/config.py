@@ -268,6 +268,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             need(int(e[f]) == e[f] >= lo, f"rl.env.{f}", f"must be an integer >= {lo}")
         need(e.timeout_s > 0, "rl.env.timeout_s", "must be positive")
         need(not s.partial, "rl.env.name", "multi-turn episodes do not run with rl.sampling.partial yet")
+        need(not c.data.source.startswith("toy_"), "rl.env.name", "needs a text source (the digit toy has no tools)")
         need(not m.router_replay, "rl.env.name", "multi-turn episodes record no routes: turn off router_replay")
     for a, n in r.rollout_mesh.items():
         need(a in c.mesh, f"rl.rollout_mesh.{a}", f"is not a mesh axis (axes: {', '.join(c.mesh)})")
@@ -285,5 +286,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         from rl import prompt_files
 
         need(bool(c.data.prompts), "data.prompts", "must name a .jsonl or .parquet file with data.source='file'")
+        need(
+            bool(set(reward_weights(r.reward)) & set(prompt_files.NEEDS)),
+            "rl.reward",
+            f"with data.source='file' must include one of {sorted(prompt_files.NEEDS)} (it decides accuracy)",
+        )
         prompt_files.load(c.data.prompts, c.data.prompt_field, tuple(reward_weights(r.reward)))
     model_config(c.model)  # unknown model fields / presets fail here (with init_from, too: a typo is no less one)

@@ -8,13 +8,18 @@ at end-of-sequence (the episode ends), at `</tool_call>` (the environment steps:
 episodes step concurrently on a thread pool, and the observation is appended as
 `<tool_response>text</tool_response>`), or at the turn budget `sp.max_new_tokens`. The episode
 ends at `budget` tokens after the prompt (model and tool tokens together, [R, budget] arrays) or
-after `max_turns` model turns.
+after `max_turns` model turns. A model that writes `<tool_response>` itself (an invented
+observation) ends its turn there and reads an error observation (counted in `tool_errors`).
+
+Compiled shapes stay few: from the second turn on, every context is left-padded to one width (the
+padded prompt plus the budget) and the live rows are padded to a power of two (repeats of the last
+one, whose samples are dropped), so an RL run compiles the sampler for about log2(R) row counts.
 
 The result is a `Rollout` over the tokens after the prompt: `mask` is 1 on the model's tokens only
 (tool tokens carry no loss) and `context` is 1 on every token of the episode (tool tokens are still
-attended to by the trainer's forward); `logprobs` are the sampler's, 0 on tool tokens. Turn t of
-episode i draws its tokens with key fold_in(rng, t) and the episode's row among those still live,
-so an episode is a function of (rng, its prompt, the params, the environment's answers).
+attended to by the trainer's forward); `logprobs` are the sampler's, 0 on tool tokens. Turn t
+draws its tokens with key fold_in(rng, t) and each episode's row among those still live, so the
+batch of episodes is a function of (rng, the prompts, the params, the environment's answers).
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def run(
     counts = {k: np.zeros((r,), np.int32) for k in COUNTERS}
     turn_reward = np.zeros((r,), np.float64)
     turn_sp = dataclasses.replace(sp, max_new_tokens=min(sp.max_new_tokens, budget),
-                                  stop_tokens=tuple(sp.stop_tokens) + (end_call,))  # fmt: skip
+                                  stop_tokens=tuple(sp.stop_tokens) + (end_call, open_resp))  # fmt: skip
 
     def append(i, ids, lp, model: bool) -> bool:
         """Write ids after episode i's tokens; False when they did not all fit (budget spent)."""
@@ -94,15 +99,19 @@ def run(
         length[i] = b
         return k == len(ids)
 
+    width = -(-max(len(p) for p in prompts) // pad_multiple) * pad_multiple + budget  # turns >= 1: one width
     live = list(range(r))
     with ThreadPoolExecutor(workers, thread_name_prefix="m1jax-env") as pool:
         for t in range(max_turns):
             if not live:
                 break
             ctx = [list(prompts[i]) + tokens[i, : length[i]].tolist() for i in live]
-            out = jax.device_get(
-                sampler(cfg, params, ctx, turn_sp, jax.random.fold_in(rng, t), pad_multiple=pad_multiple)
-            )
+            key = jax.random.fold_in(rng, t)
+            if t == 0:  # the first turn is plain sampling (its groups share their prefill)
+                out = jax.device_get(sampler(cfg, params, ctx, turn_sp, key, pad_multiple=pad_multiple))
+            else:  # fixed shapes: pow2 rows, one width (extra rows repeat the last and are ignored)
+                ctx = ctx + [ctx[-1]] * ((1 << (len(ctx) - 1).bit_length()) - len(ctx))
+                out = jax.device_get(sampler(cfg, params, ctx, turn_sp, key, pad_multiple=width))
             stepping, turns = [], []
             for k, i in enumerate(live):
                 n = int(out.lengths[k])
@@ -117,6 +126,9 @@ def run(
                 elif ids[-1] == end_call:
                     stepping.append(i)
                     turns.append(tokenizer.decode(ids.tolist()))
+                elif ids[-1] == open_resp:  # an invented observation: refused, as an error the model reads
+                    stepping.append(i)
+                    turns.append(None)
                 else:  # end-of-sequence (or another stop token): the final answer
                     finish[i] = FINISH_STOP
             results = list(pool.map(lambda a: _step(envs[a[0]], a[1]), zip(stepping, turns, strict=True)))
@@ -150,7 +162,10 @@ def run(
                    episode=dict(counts, turn_reward=turn_reward))  # fmt: skip
 
 
-def _step(env, turn: str):
+def _step(env, turn: str | None):
+    if turn is None:
+        msg = f"error: {tool_lib.RESPONSE} is written by the tool; call one with {tool_lib.CALL}NAME, a newline, input"
+        return env_lib.StepResult(msg, info={"tool_errors": 1})
     try:
         return env.step(turn)
     except Exception:

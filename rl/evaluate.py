@@ -17,10 +17,13 @@ from rl.sampler import SamplingParams, sample
 
 
 def decode_responses(tokenizer, rollout, stop_id) -> list[str]:
+    """The response texts the rewards read: of a multi-turn episode, the model's own tokens only (a
+    tool's output must not answer for the model), its turns joined."""
     toks, lengths = np.asarray(rollout.tokens), np.asarray(rollout.lengths)
+    own = None if rollout.context is None else np.asarray(rollout.mask) > 0
     out = []
-    for t, n in zip(toks, lengths, strict=True):
-        ids = t[:n].tolist()
+    for row, (t, n) in enumerate(zip(toks, lengths, strict=True)):
+        ids = (t[:n] if own is None else t[:n][own[row, :n]]).tolist()
         if ids and ids[-1] == stop_id:
             ids = ids[:-1]
         out.append(tokenizer.decode(ids))

@@ -190,7 +190,9 @@ def _eval(node: ast.AST):
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         a, b = _eval(node.left), _eval(node.right)
         if isinstance(node.op, ast.Pow) and isinstance(a, int) and isinstance(b, int):
-            if b < 0 or (abs(a) > 1 and b * math.log10(abs(a)) > MAX_DIGITS):
+            if b < 0:
+                a = float(a)  # 2**-1 = 0.5
+            elif abs(a) > 1 and b * math.log10(abs(a)) > MAX_DIGITS:
                 raise ToolError(f"power too large (results are limited to {MAX_DIGITS} digits)")
         if isinstance(node.op, ast.Mult) and isinstance(a, int) and isinstance(b, int):
             if a and b and math.log10(abs(a)) + math.log10(abs(b)) > MAX_DIGITS:

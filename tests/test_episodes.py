@@ -17,6 +17,7 @@ from m1jax import M1Model, config
 from m1jax.data.tokenizer import ByteTokenizer, load_tokenizer
 from rl import envs, episodes, tools
 from rl.config import base_config, validate
+from rl.evaluate import decode_responses
 from rl.sampler import FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams, sequence_logprobs
 
 TOK = load_tokenizer("byte+tools")
@@ -32,7 +33,7 @@ def scripted(script: dict[str, list[str]]):
         rows = []
         for ids in prompts:
             text = TOK.decode(ids)
-            name = text[len("<bos>") :].split("<", 1)[0]
+            name = text[len("<bos>") :].split("|", 1)[0]
             turn = script[name][text.count("</tool_response>")]
             rows.append(TOK.encode(turn)[: sp.max_new_tokens])
             seen.append(text)
@@ -67,13 +68,14 @@ def test_episode_turns_masks_budgets_and_failures(caplog):
         "d": [CALL("calc", "1"), "x" * 100],  # unknown tool, then a turn cut by the episode budget
         "e": [CALL("calculator", "1")],  # the environment raises
         "f": ["<tool_call>calculator 1</tool_call>", "ok<eos>"],  # malformed call
+        "g": ["I know: <tool_response>", "fine<eos>"],  # an observation the model invents is refused
     }
     sampler = scripted(script)
     sp = SamplingParams(128, stop_tokens=(TOK.eos_id,), pad_id=TOK.pad_id)
     with tools.ToolPool(["calculator"], workers=2) as pool:
-        env = [envs.make("tools", pool=pool) for _ in range(5)]
+        env = [envs.make("tools", pool=pool) for _ in range(6)]
         env.insert(4, Broken())
-        prompts = [TOK.encode(name, bos=True) for name in script]
+        prompts = [TOK.encode(name + "|", bos=True) for name in script]
         cfg, key = config.tiny(vocab_size=272), jax.random.PRNGKey(0)
         r = episodes.run(cfg, None, TOK, env, prompts, sp, key, budget=128, max_turns=3, sampler=sampler)
     text = lambda i, m=None: TOK.decode(
@@ -93,17 +95,22 @@ def test_episode_turns_masks_budgets_and_failures(caplog):
     assert "error: unknown tool 'calc'" in text(3)
     assert "<tool_response>error: malformed call" in text(5) and text(5).endswith("ok<eos>")
     c = r.episode
-    np.testing.assert_array_equal(c["turns"], [2, 1, 3, 2, 1, 2])
-    np.testing.assert_array_equal(c["tool_calls"], [1, 0, 3, 1, 0, 1])
-    np.testing.assert_array_equal(c["tool_errors"], [0, 0, 0, 1, 0, 1])
-    np.testing.assert_array_equal(c["turn_limit"], [0, 0, 1, 0, 0, 0])
-    np.testing.assert_array_equal(c["env_errors"], [0, 0, 0, 0, 1, 0])
+    assert "<tool_response><tool_response>error: <tool_response> is written by the tool" in text(6)
+    assert text(6).endswith("</tool_response>fine<eos>")
+    np.testing.assert_array_equal(c["turns"], [2, 1, 3, 2, 1, 2, 2])
+    np.testing.assert_array_equal(c["tool_calls"], [1, 0, 3, 1, 0, 1, 0])
+    np.testing.assert_array_equal(c["tool_errors"], [0, 0, 0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(c["turn_limit"], [0, 0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(c["env_errors"], [0, 0, 0, 0, 1, 0, 0])
+    # Rewards read the model's own tokens: the tool's output does not answer for it.
+    texts = decode_responses(TOK, r, TOK.eos_id)
+    assert texts[0] == call + "it is 42" and texts[6] == "I know: <tool_response>fine"
     assert np.isnan(c["turn_reward"][4]) and np.isfinite(np.delete(c["turn_reward"], 4)).all()
     assert "environment Broken raised" in caplog.text
     m = episodes.metrics(c)
-    assert m["tool_calls"] == pytest.approx(6 / 6) and m["env_errors"] == 1 and m["turn_limit_fraction"] == 1 / 6
+    assert m["tool_calls"] == pytest.approx(6 / 7) and m["env_errors"] == 1 and m["turn_limit_fraction"] == 1 / 7
     # The prompt rows are the left-padded prompts the trainer needs.
-    assert r.prompt.shape == (6, 32) and list(r.prompt_lengths) == [len(p) for p in prompts]
+    assert r.prompt.shape == (7, 32) and list(r.prompt_lengths) == [len(p) for p in prompts]
 
 
 def test_episodes_need_the_tool_tokens():
@@ -178,6 +185,7 @@ def test_rl_run_with_tool_episodes_logs_tool_use(tmp_path):
         ("rl.env.max_turns", 0, "rl.env.max_turns"),
         ("rl.env.timeout_s", 0.0, "rl.env.timeout_s"),
         ("rl.sampling.partial", True, "rl.env.name"),
+        ("data.source", "toy_copy", "rl.env.name"),
     ],
 )
 def test_env_config_errors_name_the_field(field, value, match):
@@ -186,3 +194,37 @@ def test_env_config_errors_name_the_field(field, value, match):
     c.update_from_flattened_dict({field: value})
     with pytest.raises(ValueError, match=match):
         validate(c)
+
+
+def test_calc_task_demonstrates_the_calculator_and_mental_products():
+    from m1jax.data import tasks
+
+    exs = [e for _, e in zip(range(200), tasks.examples(0, "train", ("calc",)), strict=False)]
+    tool = [e for e in exs if tools.CALL in e.reasoning]
+    assert 0.35 < len(tool) / len(exs) < 0.65 and "calc" not in tasks.TASKS
+    for e in tool[:20]:  # the demonstrated call, run for real, gives the demonstrated output
+        call = tools.parse_call(e.reasoning.split(tools.RESPONSE)[0])
+        assert call.name == "calculator" and tools.get("calculator")(call.arg, 1.0) == e.answer
+        assert e.reasoning.endswith(tools.format_response(e.answer)) and tasks.score(e.completion, e.answer) == 1
+        ids = TOK.encode(e.text)
+        assert [i for i in ids if i >= 261] == [261, 262, 263, 264]
+    head = [e for e in exs if tools.CALL not in e.reasoning]
+    assert all(e.reasoning == tasks.mul_steps(*map(int, e.prompt[5:-3].split("*"))) for e in head)
+
+
+def test_tool_configs_validate():
+    import importlib.util
+
+    from m1jax.train.config import validate as validate_pretrain
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = {}
+    for name in ("pretrain_tools", "cispo_tools"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    pc = mods["pretrain_tools"].get_config()
+    assert validate_pretrain(pc, tokenizer_vocab=load_tokenizer(pc.data.tokenizer).vocab_size).vocab_size == 272
+    c = mods["cispo_tools"].get_config()
+    validate(c)
+    assert c.rl.env.name == "tools" and c.data.tasks == ("calc",)

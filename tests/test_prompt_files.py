@@ -76,6 +76,8 @@ def test_bad_rows_name_the_file_row_and_field(tmp_path, rows, reward, match):
 def test_bad_paths_name_the_field(tmp_path, examples):
     with pytest.raises(ValueError, match="data.prompts"):
         validate(file_config("", "math"))
+    with pytest.raises(ValueError, match="rl.reward.*must include one of"):
+        validate(file_config(examples["math"], "format"))
     with pytest.raises(ValueError, match="no such file"):
         validate(file_config(str(tmp_path / "missing.jsonl"), "math"))
     (tmp_path / "p.csv").write_text("prompt,answer\n")

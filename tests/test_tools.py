@@ -67,7 +67,7 @@ def test_calculator_is_exact_and_bounded():
     calc = tools.get("calculator")
     assert calc("48213 * 739", 1.0) == str(48213 * 739)
     assert calc(" (2**100 - 1) // 3 % 1000 ", 1.0) == str((2**100 - 1) // 3 % 1000)
-    assert calc("-7 / 2", 1.0) == "-3.5"
+    assert calc("-7 / 2", 1.0) == "-3.5" and calc("2**-2", 1.0) == "0.25"
     bad = [("1/0", "division by zero"), ("9**9**9", "too large"), ("__import__('os')", "unsupported"),
            ("x + 1", "unsupported"), ("1 +", "cannot parse"), ("", "empty"), ("10**999 * 10**999", "too large"),
            ("1e308 * 10", "not finite")]  # fmt: skip

@@ -155,11 +155,8 @@ def grpo_trainer(c, cfg, model, tok, reward_fn, rollouts: int, outdir: str, thre
 
     r, o, s = c.rl, c.optim, c.rl.sampling
     rows = r.prompts_per_step * r.samples_per_prompt
-    d = c.data
     pairs = [  # the prompts of m1jax's steps, as its Producer draws them
-        p
-        for step in range(rollouts)
-        for p in prompt_lib.batch(d.source, d.seed, step, r.prompts_per_step, tasks=d.tasks, toy_length=d.toy_length)
+        p for step in range(rollouts) for p in prompt_lib.for_config(c, step, r.prompts_per_step)
     ]
     data = datasets.Dataset.from_list([{"prompt": p, "ref": json.dumps(ref)} for p, ref in pairs])
     hf_tok = hf_tokenizer(tok, cfg.vocab_size)

@@ -14,6 +14,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 TASKS = ("add", "sub", "mul", "copy", "reverse", "sort", "linear")
+# Tasks whose text holds tool calls (`rl.tools` format): they need a tokenizer with the tool-call
+# tokens ("byte+tools"), so they are not in the default TASKS.
+TOOL_TASKS = ("calc",)
 DIFFICULTIES = (1, 2, 3, 4, 5)
 TRAIN_DIFFICULTIES = (1, 2, 3)
 OOD_DIFFICULTIES = (4, 5)
@@ -30,6 +33,8 @@ _LIN_COEF = (3, 5, 9, 19, 49)  # max a (min 2)
 _LIN_X = (5, 9, 20, 50, 100)  # max |x|
 _LIN_B = (9, 20, 50, 100, 500)  # max b (min 1)
 _ALNUM = "0123456789abcdefghijklmnopqrstuvwxyz"
+_CALC_DIGITS = ((3, 2), (4, 2), (4, 3), (5, 3), (6, 4))  # (multiplicand, multiplier) digits
+CALC_TOOL_SHARE = 0.5  # of `calc` demonstrations that call the calculator; the rest multiply in the head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +126,19 @@ def _make_mul(rng: np.random.Generator, d: int) -> tuple[str, str, str]:
     return f"mul {a}*{b}=?\n", mul_steps(a, b), str(a * b)
 
 
+def _make_calc(rng: np.random.Generator, d: int) -> tuple[str, str, str]:
+    """Products too long for a small model to multiply in its head. Half the demonstrations call the
+    calculator and copy its result; the other half work the partial products (`mul`'s), which a
+    tiny model gets wrong at these sizes, so RL has a choice to learn: use the tool."""
+    na, nb = _CALC_DIGITS[d - 1]
+    a, b = _number(rng, na), _number(rng, nb)
+    if rng.random() < CALC_TOOL_SHARE:
+        reasoning = f"<tool_call>calculator\n{a}*{b}</tool_call><tool_response>{a * b}</tool_response>"
+    else:
+        reasoning = mul_steps(a, b)
+    return f"calc {a}*{b}=?\n", reasoning, str(a * b)
+
+
 def _string(rng: np.random.Generator, d: int, alphabet: str) -> str:
     lo, hi = _STR_LEN[d - 1]
     return "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=_int(rng, lo, hi)))
@@ -162,12 +180,13 @@ _MAKERS = {
     "reverse": _make_reverse,
     "sort": _make_sort,
     "linear": _make_linear,
+    "calc": _make_calc,
 }
 
 
 def _check_task(task: str) -> None:
     if task not in _MAKERS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS + TOOL_TASKS}")
 
 
 def make_example(rng: np.random.Generator, task: str, difficulty: int) -> Example:

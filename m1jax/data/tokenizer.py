@@ -119,7 +119,8 @@ class HFTokenizer:
         # GPT-2 style vocabularies have a single <|endoftext|> that serves as every special.
         self.bos_id = self.eos_id if bos_id is None else bos_id
         self.pad_id = self.eos_id if pad_id is None else pad_id
-        self._added = sorted((t.content for t in self._tok.get_added_tokens_decoder().values()), key=len)
+        added = self._tok.get_added_tokens_decoder().values()
+        self._added = sorted((t.content for t in added if t.special and len(t.content) > 1), key=len)
 
     def __repr__(self) -> str:  # stable: callers key caches on it
         return f"HFTokenizer({self.path!r}, pad_id={self.pad_id}, bos_id={self.bos_id}, eos_id={self.eos_id})"
@@ -141,7 +142,7 @@ class HFTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
-        if not special:  # added tokens always match whole: a zero-width space inside breaks each one up
+        if not special:  # special tokens always match whole: a zero-width space inside breaks each one up
             for s in self._added:
                 text = text.replace(s, s[0] + "\u200b" + s[1:])
         # add_special_tokens=False: bos/eos are ours to place, not the file's post-processor template.
