@@ -15,10 +15,10 @@ def get_config():
     c = base_config()
     c.data.source = "tasks"
     c.data.tasks = ("calc",)
-    c.steps = 60
+    c.steps = 30
     c.optim.learning_rate = 5e-5
-    c.eval.update(every=30, prompts=256)
-    c.checkpoint.every = 30
+    c.eval.update(every=15, prompts=256)
+    c.checkpoint.every = 15
     c.rl.update(init_from="runs/pretrain_tools", reward="task", prompts_per_step=16, samples_per_prompt=8)
     c.rl.update(updates_per_rollout=4)
     c.rl.sampling.max_new_tokens = 128
