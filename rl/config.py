@@ -97,10 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
     # use (rl.tools format; needs a tokenizer with the tool-call tokens, e.g. "byte+tools"). The
     # episode's token budget is rl.sampling.max_new_tokens (model and tool tokens together);
     # turn_tokens caps one model turn (0 = the episode budget); tools run on `workers` threads, each
-    # call within timeout_s, its output cut to max_output characters.
+    # call within timeout_s, its output cut to max_output characters; the next round of turns waits
+    # at most stall_s for the episodes whose tools are still running (they join a later round).
     r.env = ml_collections.ConfigDict(
         {"name": "", "tools": "calculator", "max_turns": 4, "turn_tokens": 0, "workers": 4, "timeout_s": 5.0,
-         "max_output": 256}
+         "max_output": 256, "stall_s": 0.5}
     )  # fmt: skip
     return c
 
@@ -267,6 +268,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         for f, lo in (("max_turns", 1), ("turn_tokens", 0), ("workers", 1), ("max_output", 16)):
             need(int(e[f]) == e[f] >= lo, f"rl.env.{f}", f"must be an integer >= {lo}")
         need(e.timeout_s > 0, "rl.env.timeout_s", "must be positive")
+        need(e.stall_s >= 0, "rl.env.stall_s", "must be >= 0")
         need(not s.partial, "rl.env.name", "multi-turn episodes do not run with rl.sampling.partial yet")
         need(not c.data.source.startswith("toy_"), "rl.env.name", "needs a text source (the digit toy has no tools)")
         need(not m.router_replay, "rl.env.name", "multi-turn episodes record no routes: turn off router_replay")

@@ -237,8 +237,20 @@ class Stats:
         self.prefills = self.inserts = self.decodes = self.steps = 0
 
 
-def run(cfg: ModelConfig, sp, params, prompts: Sequence[np.ndarray], rng, *, slots: int, pad_multiple: int, stats=None):
+def run(
+    cfg: ModelConfig,
+    sp,
+    params,
+    prompts: Sequence[np.ndarray],
+    rng,
+    *,
+    slots: int,
+    pad_multiple: int,
+    stats=None,
+    key_ids: Sequence[int] | None = None,
+):
     """Sample one response per prompt row on `slots` decode slots. prompts: 1-D int arrays.
+    `key_ids`: each row's key id (its tokens' random stream; default the row index).
 
     Returns host arrays (tokens [R, N], logp [R, N], length [R], finish [R], routes), routes being
     None unless `sp.record_routes`: then each sample's experts [R, Tp + N, L, k] over its
@@ -261,7 +273,7 @@ def run(cfg: ModelConfig, sp, params, prompts: Sequence[np.ndarray], rng, *, slo
             first, count = pending.pop()
             take.append((first, [free.pop(0) for _ in range(count)]))
         if take:
-            st = _insert(cfg, params, st, *_insert_args(prompts, take, slots, bucket, sp.pad_id))
+            st = _insert(cfg, params, st, *_insert_args(prompts, take, slots, bucket, sp.pad_id, key_ids))
             stats.inserts += 1
             stats.prefills += len(take)
         need = pending[-1][1] if pending else slots + 1  # return when the next group fits
@@ -283,7 +295,7 @@ def run(cfg: ModelConfig, sp, params, prompts: Sequence[np.ndarray], rng, *, slo
     return toks, logp, length, finish, routes
 
 
-def _insert_args(prompts, take, slots: int, bucket, pad_id: int):
+def _insert_args(prompts, take, slots: int, bucket, pad_id: int, key_ids=None):
     """Host arrays for `insert`: the distinct prompts of `take` [(row, slot list)] padded to a
     power-of-two count Q and a length bucket Pb, and per-slot (src, slot id, sample id) of length S."""
     q = _pow2(len(take))
@@ -293,6 +305,7 @@ def _insert_args(prompts, take, slots: int, bucket, pad_id: int):
     src = np.zeros((slots,), np.int32)
     slot_ids = np.full((slots,), slots, np.int32)  # out of range: dropped
     sample_ids = np.zeros((slots,), np.int32)
+    kids = np.zeros((slots,), np.int32)
     zeros = np.zeros((slots,), np.int32)
     m = 0
     for k, (first, ss) in enumerate(take):
@@ -301,5 +314,6 @@ def _insert_args(prompts, take, slots: int, bucket, pad_id: int):
         lengths[k] = len(p)
         for j, s in enumerate(ss):
             src[m], slot_ids[m], sample_ids[m] = k, s, first + j
+            kids[m] = first + j if key_ids is None else key_ids[first + j]
             m += 1
-    return toks, lengths, src, slot_ids, sample_ids, sample_ids, zeros, zeros
+    return toks, lengths, src, slot_ids, sample_ids, kids, zeros, zeros

@@ -1,25 +1,28 @@
 """Multi-turn episodes on the rollout engine: model turn, environment step, next turn.
 
-`run` plays R episodes at once. Each turn samples the live episodes' next turns with
-`rl.sampler.sample` (one call: continuous batching over the engine's slots; the first turn's G
-samples of a prompt share its prefill), with the episode so far as the prompt, so no cache
-crosses a turn (the context is prefilled again: recompute, as for partial rollouts). A turn ends
-at end-of-sequence (the episode ends), at `</tool_call>` (the environment steps: the turns of all
-episodes step concurrently on a thread pool, and the observation is appended as
-`<tool_response>text</tool_response>`), or at the turn budget `sp.max_new_tokens`. The episode
-ends at `budget` tokens after the prompt (model and tool tokens together, [R, budget] arrays) or
-after `max_turns` model turns. A model that writes `<tool_response>` itself (an invented
-observation) ends its turn there and reads an error observation (counted in `tool_errors`).
-
-Compiled shapes stay few: from the second turn on, every context is left-padded to one width (the
-padded prompt plus the budget) and the live rows are padded to a power of two (repeats of the last
-one, whose samples are dropped), so an RL run compiles the sampler for about log2(R) row counts.
+`run` plays R episodes at once, in rounds. A round samples the next turn of every episode that is
+ready with `rl.sampler.sample` (one call: continuous batching over the engine's slots; the first
+round's G samples of a prompt share their prefill), with the episode so far as the prompt, so no
+cache crosses a turn (the context is prefilled again: recompute, as for partial rollouts). A turn
+ends at end-of-sequence (the episode ends), at `</tool_call>` (the environment's step starts on a
+thread pool and the observation is appended as `<tool_response>text</tool_response>`), or at the
+turn budget `sp.max_new_tokens`. The next round takes the episodes whose steps have finished, once
+all have or `stall_s` after it began waiting: a slow tool holds back its own episode, not the
+others. An episode ends at `budget` tokens after the prompt (model and tool tokens together,
+[R, budget] arrays) or after `max_turns` model turns. A model that writes `<tool_response>`
+itself (an invented observation) ends its turn there and reads an error observation (counted in
+`tool_errors`).
 
 The result is a `Rollout` over the tokens after the prompt: `mask` is 1 on the model's tokens only
 (tool tokens carry no loss) and `context` is 1 on every token of the episode (tool tokens are still
-attended to by the trainer's forward); `logprobs` are the sampler's, 0 on tool tokens. Turn t
-draws its tokens with key fold_in(rng, t) and each episode's row among those still live, so the
-batch of episodes is a function of (rng, the prompts, the params, the environment's answers).
+attended to by the trainer's forward); `logprobs` are the sampler's, 0 on tool tokens. Turn t of
+episode i draws its tokens from key id i * max_turns + t, so an episode is a function of (rng, its
+prompt, the params, its environment's answers), not of which round or batch-mates its turns had
+(up to floating-point rounding of the batched prefill, as in `rl.engine`).
+
+Compiled shapes stay few: after the first round every context is left-padded to one width (the
+padded prompt plus the budget) and the rows are padded to a power of two (repeats of the last one,
+whose samples are dropped), so a run compiles the sampler for about log2(R) row counts.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import jax
 import numpy as np
@@ -67,6 +70,7 @@ def run(
     pad_multiple: int = 32,
     sampler=sample,
     workers: int = 8,
+    stall_s: float = 0.5,
 ) -> Rollout:
     """Play one episode per (env, prompt ids) pair; `sp.max_new_tokens` is each turn's budget and
     `budget` the episode's (tokens after the prompt). The envs were reset by the caller. The
@@ -100,63 +104,92 @@ def run(
         return k == len(ids)
 
     width = -(-max(len(p) for p in prompts) // pad_multiple) * pad_multiple + budget  # turns >= 1: one width
-    live = list(range(r))
+    turn = np.zeros((r,), np.int32)  # model turns taken
+
+    def sample_turns(rows: list[int]) -> list[tuple[int, str | None]]:
+        """Sample the next turn of episodes `rows`; returns the (episode, turn text) pairs that call
+        for an environment step (text None: an invented observation). Turn t of episode i draws
+        with key id i * max_turns + t, whatever else is sampled beside it."""
+        ctx = [list(prompts[i]) + tokens[i, : length[i]].tolist() for i in rows]
+        kids = [i * max_turns + int(turn[i]) for i in rows]
+        if all(turn[i] == 0 for i in rows):  # first turns: plain sampling (groups share their prefill)
+            out = sampler(cfg, params, ctx, turn_sp, rng, pad_multiple=pad_multiple, key_ids=kids)
+        else:  # fixed shapes: pow2 rows, one width (extra rows repeat the last and are ignored)
+            extra = (1 << (len(ctx) - 1).bit_length()) - len(ctx)
+            out = sampler(
+                cfg,
+                params,
+                ctx + [ctx[-1]] * extra,
+                turn_sp,
+                rng,
+                pad_multiple=width,
+                key_ids=kids + [kids[-1]] * extra,
+            )
+        out = jax.device_get(out)
+        calls = []
+        for k, i in enumerate(rows):
+            n = int(out.lengths[k])
+            ids = np.asarray(out.tokens[k, :n])
+            turn[i] += 1
+            fits = append(i, ids, np.asarray(out.logprobs[k, :n]), model=True)
+            why = int(out.finish[k])
+            if not fits or why == FINISH_LENGTH:  # the episode's or the turn's budget is spent
+                finish[i] = FINISH_LENGTH
+            elif why == FINISH_CONFIDENT:
+                finish[i] = FINISH_CONFIDENT
+            elif ids[-1] == end_call:
+                calls.append((i, tokenizer.decode(ids.tolist())))
+            elif ids[-1] == open_resp:  # an invented observation: refused, as an error the model reads
+                calls.append((i, None))
+            else:  # end-of-sequence (or another stop token): the final answer
+                finish[i] = FINISH_STOP
+        return calls
+
+    def observe(i: int, res) -> bool:
+        """Apply step result `res` to episode i; True when it takes another turn."""
+        if res is None:  # the environment raised: counted and logged by _step
+            counts["env_errors"][i] += 1
+            turn_reward[i] = np.nan
+            finish[i] = FINISH_STOP
+            return False
+        turn_reward[i] += res.reward
+        counts["tool_calls"][i] += int(res.info.get("tool_calls", 0))
+        counts["tool_errors"][i] += int(res.info.get("tool_errors", 0))
+        if res.observation:
+            ids = [open_resp] + tokenizer.encode(res.observation, special=False) + [close_resp]
+            if not append(i, np.asarray(ids, np.int32), np.zeros(len(ids), np.float32), model=False):
+                finish[i] = FINISH_LENGTH
+                return False
+        if res.done:
+            finish[i] = FINISH_STOP
+            return False
+        if length[i] >= budget:
+            finish[i] = FINISH_LENGTH
+            return False
+        if turn[i] >= max_turns:  # still asking for tools after its last turn
+            counts["turn_limit"][i] = 1
+            finish[i] = FINISH_LENGTH
+            return False
+        return True
+
+    # Rounds: sample every episode that is ready, then start its environment step on the pool. The
+    # next round takes the episodes whose steps are done once all are, or `stall_s` after the wait
+    # began, so a slow tool holds back only its own episode.
+    ready, pending = list(range(r)), {}
     with ThreadPoolExecutor(workers, thread_name_prefix="m1jax-env") as pool:
-        for t in range(max_turns):
-            if not live:
-                break
-            ctx = [list(prompts[i]) + tokens[i, : length[i]].tolist() for i in live]
-            key = jax.random.fold_in(rng, t)
-            if t == 0:  # the first turn is plain sampling (its groups share their prefill)
-                out = jax.device_get(sampler(cfg, params, ctx, turn_sp, key, pad_multiple=pad_multiple))
-            else:  # fixed shapes: pow2 rows, one width (extra rows repeat the last and are ignored)
-                ctx = ctx + [ctx[-1]] * ((1 << (len(ctx) - 1).bit_length()) - len(ctx))
-                out = jax.device_get(sampler(cfg, params, ctx, turn_sp, key, pad_multiple=width))
-            stepping, turns = [], []
-            for k, i in enumerate(live):
-                n = int(out.lengths[k])
-                ids = np.asarray(out.tokens[k, :n])
-                counts["turns"][i] += 1
-                fits = append(i, ids, np.asarray(out.logprobs[k, :n]), model=True)
-                why = int(out.finish[k])
-                if not fits or why == FINISH_LENGTH:  # the episode's or the turn's budget is spent
-                    finish[i] = FINISH_LENGTH
-                elif why == FINISH_CONFIDENT:
-                    finish[i] = FINISH_CONFIDENT
-                elif ids[-1] == end_call:
-                    stepping.append(i)
-                    turns.append(tokenizer.decode(ids.tolist()))
-                elif ids[-1] == open_resp:  # an invented observation: refused, as an error the model reads
-                    stepping.append(i)
-                    turns.append(None)
-                else:  # end-of-sequence (or another stop token): the final answer
-                    finish[i] = FINISH_STOP
-            results = list(pool.map(lambda a: _step(envs[a[0]], a[1]), zip(stepping, turns, strict=True)))
-            nxt = []
-            for i, res in zip(stepping, results, strict=True):
-                if res is None:  # the environment raised: counted and logged by _step
-                    counts["env_errors"][i] += 1
-                    turn_reward[i] = np.nan
-                    finish[i] = FINISH_STOP
-                    continue
-                turn_reward[i] += res.reward
-                counts["tool_calls"][i] += int(res.info.get("tool_calls", 0))
-                counts["tool_errors"][i] += int(res.info.get("tool_errors", 0))
-                if res.observation:
-                    ids = [open_resp] + tokenizer.encode(res.observation, special=False) + [close_resp]
-                    if not append(i, np.asarray(ids, np.int32), np.zeros(len(ids), np.float32), model=False):
-                        finish[i] = FINISH_LENGTH
-                        continue
-                if res.done:
-                    finish[i] = FINISH_STOP
-                elif length[i] >= budget:
-                    finish[i] = FINISH_LENGTH
-                else:
-                    nxt.append(i)
-            live = nxt
-    for i in live:  # still asking for tools after max_turns
-        counts["turn_limit"][i] = 1
-        finish[i] = FINISH_LENGTH
+        while ready or pending:
+            if ready:
+                for i, text in sample_turns(sorted(ready)):
+                    pending[i] = pool.submit(_step, envs[i], text)
+            ready = []
+            if pending:
+                wait(pending.values(), timeout=stall_s)
+                if not any(f.done() for f in pending.values()):
+                    wait(pending.values(), return_when=FIRST_COMPLETED)
+            for i in sorted(pending):
+                if pending[i].done() and observe(i, pending.pop(i).result()):
+                    ready.append(i)
+    counts["turns"][:] = turn
     prompt, prompt_lengths = pad_prompts(cfg, prompts, sp, pad_multiple)
     return Rollout(prompt, prompt_lengths, tokens, logp, mask, length, finish, context=context,
                    episode=dict(counts, turn_reward=turn_reward))  # fmt: skip
@@ -186,7 +219,8 @@ def play(c, cfg, params, tokenizer, texts: Sequence[str], refs, sp: SamplingPara
         ]
         turn = dataclasses.replace(sp, max_new_tokens=min(e.turn_tokens or sp.max_new_tokens, sp.max_new_tokens))
         kw = dict(budget=sp.max_new_tokens, max_turns=e.max_turns, pad_multiple=c.rl.sampling.pad_multiple)
-        return run(cfg, params, tokenizer, episodes, prompts, turn, rng, sampler=sampler, workers=e.workers, **kw)
+        kw |= dict(sampler=sampler, workers=e.workers, stall_s=e.stall_s)
+        return run(cfg, params, tokenizer, episodes, prompts, turn, rng, **kw)
 
 
 def metrics(counters: dict, prefix: str = "") -> dict[str, float]:

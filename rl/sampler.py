@@ -75,12 +75,12 @@ class Rollout(NamedTuple):
 
 
 def sample(
-    cfg: ModelConfig, params, prompts, sp: SamplingParams, rng, *, pad_multiple: int = 32, stats=None
+    cfg: ModelConfig, params, prompts, sp: SamplingParams, rng, *, pad_multiple: int = 32, stats=None, key_ids=None
 ) -> Rollout:
     """Sample one response per prompt (repeat a prompt G times in a row for a group of G: the
     engine prefills it once). prompts: ragged id lists. Runs on the rollout engine with
-    `sp.slots` decode slots; a sample's tokens depend on its row index, the key and the
-    parameters only (not on the slot count). `stats`: an `engine.Stats` to count the work.
+    `sp.slots` decode slots; a sample's tokens depend on its row index (or `key_ids[row]`), the
+    key and the parameters only (not on the slot count). `stats`: an `engine.Stats` to count the work.
 
     The padded prompt length is rounded up to a multiple of `pad_multiple`, so batches of
     different prompt lengths share compiled programs.
@@ -89,7 +89,7 @@ def sample(
     rows = [tokens[i, tokens.shape[1] - lengths[i] :] for i in range(len(lengths))]
     slots = sp.slots if sp.slots is not None else len(rows)
     toks, logp, length, finish, routes = engine.run(
-        cfg, sp, params, rows, rng, slots=slots, pad_multiple=pad_multiple, stats=stats
+        cfg, sp, params, rows, rng, slots=slots, pad_multiple=pad_multiple, stats=stats, key_ids=key_ids
     )
     mask = (np.arange(sp.max_new_tokens)[None, :] < length[:, None]).astype(np.float32)
     return Rollout(tokens, lengths, toks, logp * mask, mask, length, finish, routes)

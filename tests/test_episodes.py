@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -29,7 +30,7 @@ def scripted(script: dict[str, list[str]]):
     "<eos>", "</tool_call>", or nothing: cut at the turn budget); its log-probs are -(position + 1)."""
     seen = []
 
-    def sampler(cfg, params, prompts, sp, key, pad_multiple=32):
+    def sampler(cfg, params, prompts, sp, key, pad_multiple=32, key_ids=None):
         rows = []
         for ids in prompts:
             text = TOK.decode(ids)
@@ -228,3 +229,35 @@ def test_tool_configs_validate():
     c = mods["cispo_tools"].get_config()
     validate(c)
     assert c.rl.env.name == "tools" and c.data.tasks == ("calc",)
+
+
+def test_a_slow_tool_holds_back_only_its_own_episode():
+    @tools.register("_test_slow")
+    def slow(arg, timeout_s):
+        time.sleep(2.0)
+        return "late"
+
+    script = {
+        "slow": [CALL("_test_slow", ""), "done<eos>"],
+        "quick": [CALL("calculator", "1+1"), CALL("calculator", "2+2"), CALL("calculator", "3+3"), "6<eos>"],
+    }
+    sampler = scripted(script)
+    sp = SamplingParams(64, stop_tokens=(TOK.eos_id,), pad_id=TOK.pad_id)
+    try:
+        with tools.ToolPool(["calculator", "_test_slow"], workers=2, timeout_s=5.0) as pool:
+            env = [envs.make("tools", pool=pool) for _ in script]
+            prompts = [TOK.encode(name + "|", bos=True) for name in script]
+            cfg, key = config.tiny(vocab_size=272), jax.random.PRNGKey(0)
+            t0 = time.perf_counter()
+            r = episodes.run(
+                cfg, None, TOK, env, prompts, sp, key, budget=256, max_turns=4, sampler=sampler, stall_s=0.1
+            )
+            took = time.perf_counter() - t0
+    finally:
+        tools._REGISTRY.pop("_test_slow")
+    order = [s.split("|")[0][len("<bos>") :] for s in sampler.seen]
+    # the quick episode's four turns are all sampled before the slow one's second
+    assert order[:2] == ["slow", "quick"] and order[2:5] == ["quick"] * 3 and order[5] == "slow", order
+    assert took < 4, took
+    assert r.episode["turns"].tolist() == [2, 4] and r.finish.tolist() == [FINISH_STOP, FINISH_STOP]
+    assert TOK.decode(r.tokens[0, : r.lengths[0]]).endswith("<tool_response>late</tool_response>done<eos>")
