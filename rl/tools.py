@@ -28,6 +28,7 @@ import ast
 import dataclasses
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -215,7 +216,9 @@ def calculator(arg: str, timeout_s: float) -> str:
     if len(expr) > 2000:
         raise ToolError("expression longer than 2000 characters")
     try:
-        tree = ast.parse(expr, mode="eval")
+        with warnings.catch_warnings():  # ("invalid decimal literal" and the like: the error says it)
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr, mode="eval")
     except SyntaxError:
         raise ToolError(f"cannot parse {truncate(expr, 60)!r}") from None
     value = _eval(tree.body)

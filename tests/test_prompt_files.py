@@ -91,3 +91,21 @@ def test_bad_paths_name_the_field(tmp_path, examples):
                    tmp_path / "c.parquet")  # fmt: skip
     with pytest.raises(ValueError, match=r"c.parquet: row 1 has no field 'tests'"):
         validate(file_config(str(tmp_path / "c.parquet"), "code"))
+
+
+@pytest.mark.slow
+def test_rl_run_on_a_math_prompt_file(tmp_path, examples):
+    from rl.loop import train
+
+    c = file_config(examples["math"], "math")
+    c.model.preset, c.model.vocab_size = "tiny", 272
+    c.steps = 1
+    c.eval.update(every=1, prompts=4, samples=2)
+    c.rl.update(prompts_per_step=4, samples_per_prompt=2, updates_per_rollout=1)
+    c.rl.sampling.update(max_new_tokens=8, pad_multiple=16)
+    summary = train(c, str(tmp_path), progress=False)
+    assert summary["end_step"] == 1
+    for k in ("eval_accuracy", "eval_sampled_accuracy", "eval_reward"):
+        assert 0.0 <= summary["final"][k] <= 1.0
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert any("reward" in r and r["invalid_rewards"] == 0 for r in rows)
