@@ -268,7 +268,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         for f, lo in (("max_turns", 1), ("turn_tokens", 0), ("workers", 1), ("max_output", 16)):
             need(int(e[f]) == e[f] >= lo, f"rl.env.{f}", f"must be an integer >= {lo}")
         need(e.timeout_s > 0, "rl.env.timeout_s", "must be positive")
-        need(e.stall_s >= 0, "rl.env.stall_s", "must be >= 0")
+        need(0 <= e.stall_s < float("inf"), "rl.env.stall_s", "must be a finite number >= 0 (seconds)")
         need(not s.partial, "rl.env.name", "multi-turn episodes do not run with rl.sampling.partial yet")
         need(not c.data.source.startswith("toy_"), "rl.env.name", "needs a text source (the digit toy has no tools)")
         need(not m.router_replay, "rl.env.name", "multi-turn episodes record no routes: turn off router_replay")

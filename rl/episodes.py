@@ -8,10 +8,12 @@ ends at end-of-sequence (the episode ends), at `</tool_call>` (the environment's
 thread pool and the observation is appended as `<tool_response>text</tool_response>`), or at the
 turn budget `sp.max_new_tokens`. The next round takes the episodes whose steps have finished, once
 all have or `stall_s` after it began waiting: a slow tool holds back its own episode, not the
-others. An episode ends at `budget` tokens after the prompt (model and tool tokens together,
-[R, budget] arrays) or after `max_turns` model turns. A model that writes `<tool_response>`
-itself (an invented observation) ends its turn there and reads an error observation (counted in
-`tool_errors`).
+others. (Tools slower than `stall_s` in all split a turn over several smaller rounds, each an engine
+call; and which episodes share a round then depends on timing, which can move a sampled token's
+logits in their last bits through the batched prefill.) An episode ends at `budget` tokens after
+the prompt (model and tool tokens together, [R, budget] arrays) or after `max_turns` model turns.
+A model that writes `<tool_response>` itself (an invented observation) ends its turn there and
+reads an error observation (counted in `tool_errors`).
 
 The result is a `Rollout` over the tokens after the prompt: `mask` is 1 on the model's tokens only
 (tool tokens carry no loss) and `context` is 1 on every token of the episode (tool tokens are still

@@ -86,6 +86,8 @@ def sample(
     different prompt lengths share compiled programs.
     """
     tokens, lengths = pad_prompts(cfg, prompts, sp, pad_multiple)
+    if key_ids is not None and len(key_ids) != len(lengths):
+        raise ValueError(f"sample: {len(key_ids)} key_ids for {len(lengths)} prompts")
     rows = [tokens[i, tokens.shape[1] - lengths[i] :] for i in range(len(lengths))]
     slots = sp.slots if sp.slots is not None else len(rows)
     toks, logp, length, finish, routes = engine.run(

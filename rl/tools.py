@@ -181,6 +181,10 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 MAX_DIGITS = 1000  # the calculator's bound on an integer's size (and so on its time)
+_CALC_FILE = "<calculator>"
+# The parser's warnings about the model's input ("invalid decimal literal") are not ours to print. One
+# filter at import: warnings.catch_warnings() is not thread-safe and the pool runs calls in threads.
+warnings.filterwarnings("ignore", module=_CALC_FILE)
 
 
 def _eval(node: ast.AST):
@@ -216,9 +220,7 @@ def calculator(arg: str, timeout_s: float) -> str:
     if len(expr) > 2000:
         raise ToolError("expression longer than 2000 characters")
     try:
-        with warnings.catch_warnings():  # ("invalid decimal literal" and the like: the error says it)
-            warnings.simplefilter("ignore")
-            tree = ast.parse(expr, mode="eval")
+        tree = ast.parse(expr, filename=_CALC_FILE, mode="eval")
     except SyntaxError:
         raise ToolError(f"cannot parse {truncate(expr, 60)!r}") from None
     value = _eval(tree.body)

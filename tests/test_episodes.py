@@ -31,6 +31,7 @@ def scripted(script: dict[str, list[str]]):
     seen = []
 
     def sampler(cfg, params, prompts, sp, key, pad_multiple=32, key_ids=None):
+        sampler.keys.append(list(key_ids))
         rows = []
         for ids in prompts:
             text = TOK.decode(ids)
@@ -49,7 +50,7 @@ def scripted(script: dict[str, list[str]]):
         logp = -(np.arange(n)[None] + 1.0) * mask
         return Rollout(None, None, toks, logp.astype(np.float32), mask, lengths, finish)
 
-    sampler.seen = seen
+    sampler.seen, sampler.keys = seen, []
     return sampler
 
 
@@ -260,4 +261,5 @@ def test_a_slow_tool_holds_back_only_its_own_episode():
     assert order[:2] == ["slow", "quick"] and order[2:5] == ["quick"] * 3 and order[5] == "slow", order
     assert took < 4, took
     assert r.episode["turns"].tolist() == [2, 4] and r.finish.tolist() == [FINISH_STOP, FINISH_STOP]
+    assert sampler.keys == [[0, 4], [5], [6], [7], [1]]  # turn t of episode i: key id i * max_turns + t
     assert TOK.decode(r.tokens[0, : r.lengths[0]]).endswith("<tool_response>late</tool_response>done<eos>")

@@ -54,6 +54,18 @@ def test_a_samples_tokens_depend_on_its_row_not_its_batch_mates():
     np.testing.assert_array_equal(a.logprobs[:2], b.logprobs[:2])
 
 
+def test_key_ids_choose_each_rows_random_stream():
+    """Row j with key id k draws what row k draws by default, in a group split over fewer slots."""
+    group = [MIX[0]] * 4
+    sp = SamplingParams(6, temperature=1.0, slots=2)  # the group of 4 is split over 2 slots
+    plain = sample(CFG, PARAMS, group, sp, jax.random.PRNGKey(5))
+    flipped = sample(CFG, PARAMS, group, sp, jax.random.PRNGKey(5), key_ids=[3, 2, 1, 0])
+    np.testing.assert_array_equal(flipped.tokens, plain.tokens[::-1])
+    assert len(set(map(tuple, plain.tokens))) > 1  # the streams differ, so the test can fail
+    with pytest.raises(ValueError, match="3 key_ids for 4 prompts"):
+        sample(CFG, PARAMS, group, sp, jax.random.PRNGKey(5), key_ids=[0, 1, 2])
+
+
 def test_refills_and_new_mixes_do_not_recompile():
     # Programs are per shape class (rows, slots, length bucket, and a power-of-two count of prompts
     # prefilled together), not per refill: 3 calls of 8 rows in one bucket on 4 slots compile one

@@ -63,7 +63,7 @@ def test_malformed_calls_say_why(turn):
     assert tools.parse_call(tools.format_call("calculator", "2")) == Call("calculator", "2")
 
 
-def test_calculator_is_exact_and_bounded():
+def test_calculator_is_exact_and_bounded(recwarn):
     calc = tools.get("calculator")
     assert calc("48213 * 739", 1.0) == str(48213 * 739)
     assert calc(" (2**100 - 1) // 3 % 1000 ", 1.0) == str((2**100 - 1) // 3 % 1000)
@@ -74,6 +74,9 @@ def test_calculator_is_exact_and_bounded():
     for expr, why in bad:
         with pytest.raises(ToolError, match=why):
             calc(expr, 1.0)
+    with pytest.raises(ToolError, match="cannot parse"):
+        calc("123abc * 2", 1.0)  # the parser's "invalid decimal literal" warning stays inside the tool
+    assert not [w for w in recwarn if "decimal literal" in str(w.message)]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the sandbox runs on Linux")
