@@ -261,10 +261,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         from rl import envs, tools  # (tools registers the built-in tools)
 
         need(e.name in envs.available(), "rl.env.name", f"must be '' or one of {envs.available()}")
-        try:
-            tools.parse_names(e.tools)
-        except ValueError as err:
-            raise ValueError(str(err)) from None
+        tools.parse_names(e.tools)  # its error names config.rl.env.tools
         for f, lo in (("max_turns", 1), ("turn_tokens", 0), ("workers", 1), ("max_output", 16)):
             need(int(e[f]) == e[f] >= lo, f"rl.env.{f}", f"must be an integer >= {lo}")
         need(e.timeout_s > 0, "rl.env.timeout_s", "must be positive")

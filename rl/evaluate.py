@@ -32,9 +32,10 @@ def decode_responses(tokenizer, rollout, stop_id) -> list[str]:
 
 def exact(c, texts, refs) -> np.ndarray:
     """1.0 where the answer is exactly right (the task family's check, or all positions for the toy)."""
-    if c.data.source == "file":  # the configured reward's full marks (math-verify, the tests, ...)
-        names = [n for n in reward_weights(c.rl.reward) if n in ("task", "math", "code", "positions")]
-        return reward_lib.get(names[0] if names else "task")(texts, refs) >= 1.0
+    if c.data.source == "file":  # full marks of the first accuracy reward configured (validate ensures one)
+        from rl.prompt_files import NEEDS
+
+        return reward_lib.get(next(n for n in reward_weights(c.rl.reward) if n in NEEDS))(texts, refs) >= 1.0
     return reward_lib.get("positions" if c.data.source != "tasks" else "task")(texts, refs) >= 1.0
 
 

@@ -513,7 +513,8 @@ def learn(c, trainer: RLTrainer, state, ref_params, batch: dict, *, t0: float, t
     if r.overlong.enabled:
         row["overlong_penalty"] = float(batch["penalty"].mean())  # included in `reward`
     if "context" in batch:  # multi-turn episodes
-        row.update(episodes.metrics({k[8:]: v for k, v in batch.items() if k.startswith("episode_")}))
+        counters = {k.removeprefix("episode_"): v for k, v in batch.items() if k.startswith("episode_")}
+        row.update(episodes.metrics(counters))
     row["empty_updates"] = r.updates_per_rollout - int(np.sum(w > 0))
     row["ratio_max"] = float(max(m["ratio_max"] for m in ms))
     row["ratio_min"] = float(min(m["ratio_min"] for m in ms))
